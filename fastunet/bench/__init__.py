@@ -1,0 +1,1 @@
+"""User-facing measurements: parity against ReferenceUNet and the benchmark suite."""

@@ -1,0 +1,93 @@
+"""How far fastunet.UNet is from the reference, forward and backward, in a given dtype.
+
+The truth is ReferenceUNet in float64 on the same weights and inputs. Each model's relative error
+against it, ||out - truth|| / ||truth||, is reported for fastunet and for PyTorch's own module in
+the same dtype, and their ratio is the parity figure (flash-attention's rule: at most 2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastunet.models import ReferenceUNet, UNet
+
+
+def relative_error(value: torch.Tensor, truth: torch.Tensor) -> float:
+    """||value - truth|| / ||truth|| in float64; inf if value has a NaN or Inf the truth lacks."""
+    value, truth = value.detach().double(), truth.detach().double()
+    if not torch.equal(torch.isfinite(value), torch.isfinite(truth)):
+        return float("inf")
+    finite = torch.isfinite(truth)
+    diff = torch.linalg.vector_norm((value - truth)[finite])
+    scale = torch.linalg.vector_norm(truth[finite])
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
+def _run(model, x, grad_out, autocast_dtype):
+    x = x.clone().requires_grad_()
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        out = model(x)
+    out.backward(grad_out.to(out.dtype))
+    grads = torch.cat([p.grad.double().flatten() for p in model.parameters()])
+    return out.detach(), x.grad.detach(), grads
+
+
+def compare(
+    batch: int = 2,
+    size: int = 64,
+    base_channels: int = 8,
+    depth: int = 3,
+    in_channels: int = 3,
+    num_classes: int = 2,
+    upsample: str = "nearest",
+    dtype: torch.dtype = torch.float32,
+    autocast: bool = False,
+    channels_last: bool = True,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> dict:
+    """Errors of UNet and ReferenceUNet against the float64 reference, forward and backward.
+
+    With autocast, the models hold fp32 weights and run under torch.autocast(dtype).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    truth_model = ReferenceUNet(
+        in_channels, num_classes, base_channels, depth, upsample=upsample
+    ).to(device=device, dtype=torch.float64)
+    model_dtype = torch.float32 if autocast else dtype
+    reference = truth_model.convert_to(ReferenceUNet).to(dtype=model_dtype)
+    fast = UNet.from_reference(reference)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, in_channels, size, size, generator=generator, dtype=torch.float64)
+    x = x.to(device).contiguous(memory_format=layout)
+    grad_out = torch.randn(batch, num_classes, size, size, generator=generator, dtype=torch.float64)
+    grad_out = grad_out.to(device)
+
+    truth = _run(truth_model, x, grad_out, None)
+    autocast_dtype = dtype if autocast else None
+    results = {}
+    for name, model in (("reference", reference), ("fastunet", fast)):
+        got = _run(model, x.to(model_dtype), grad_out, autocast_dtype)
+        results[name] = {
+            key: relative_error(value, expected)
+            for key, value, expected in zip(
+                ("output", "grad_input", "grad_params"), got, truth, strict=True
+            )
+        }
+    ratio = {
+        key: results["fastunet"][key] / results["reference"][key]
+        if results["reference"][key] > 0
+        else (0.0 if results["fastunet"][key] == 0 else float("inf"))
+        for key in results["fastunet"]
+    }
+    return {
+        "case": dict(
+            batch=batch, size=size, base_channels=base_channels, depth=depth,
+            upsample=upsample, dtype=str(dtype).removeprefix("torch."), autocast=autocast,
+            channels_last=channels_last, device=str(device),
+        ),
+        **results,
+        "ratio": ratio,
+    }  # fmt: skip

@@ -1,0 +1,77 @@
+"""`fastunet.info()`: versions, device, the native extension, and each op's backend and why."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+import torch
+
+from fastunet._version import __version__
+from fastunet.ops import _backend
+
+OPS = ("conv2d_relu", "upsample_concat", "max_pool2d")
+
+
+def _version_of(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _native_extension() -> dict:
+    ext = _backend.native_extension()
+    if isinstance(ext, str):
+        return {"built": False, "cuda": False, "archs": [], "nvcc": None, "reason": ext}
+    return {"built": True, **ext.build_info()}
+
+
+def info(device: torch.device | str | None = None) -> dict:
+    """What fastunet will run on `device` (default: the current CUDA device, else the CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+        capability = "sm_{}{}".format(*torch.cuda.get_device_capability(device))
+    else:
+        device_name, capability = platform.processor() or platform.machine(), None
+    return {
+        "fastunet": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version_of("triton"),
+        "cuda_runtime": torch.version.cuda,
+        "device": str(device),
+        "device_name": device_name,
+        "compute_capability": capability,
+        "triton_interpret": _backend.TRITON_INTERPRET,
+        "forced_backend": _backend.forced_backend(),
+        "native_extension": _native_extension(),
+        "ops": {op: vars(_backend.choose(op, device, torch.float32)) for op in OPS},
+    }
+
+
+def format_info(report: dict) -> str:
+    """The report as aligned text for the terminal."""
+    lines = [
+        f"fastunet {report['fastunet']}  python {report['python']}  torch {report['torch']}  "
+        f"triton {report['triton'] or 'not installed'}  CUDA runtime {report['cuda_runtime']}",
+        f"device: {report['device']} ({report['device_name']}"
+        + (f", {report['compute_capability']})" if report["compute_capability"] else ")"),
+        f"TRITON_INTERPRET: {int(report['triton_interpret'])}  "
+        f"FASTUNET_BACKEND: {report['forced_backend']}",
+    ]
+    ext = report["native_extension"]
+    if not ext["built"]:
+        lines.append(f"_C: {ext['reason']}")
+    elif ext["cuda"]:
+        lines.append(f"_C: CPU twin and CUDA for {', '.join(ext['archs'])}, nvcc {ext['nvcc']}")
+    else:
+        lines.append(f"_C: CPU twin only ({ext['reason']})")
+    lines.append("ops:")
+    width = max(len(op) for op in report["ops"])
+    for op, backend in report["ops"].items():
+        lines.append(f"  {op:<{width}}  {backend['name']:<18}  {backend['reason']}")
+    return "\n".join(lines)

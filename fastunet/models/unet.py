@@ -1,0 +1,66 @@
+"""UNet: the drop-in for ReferenceUNet, built only from fastunet's ops."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastunet.models._base import UNetBase
+from fastunet.models.reference import ReferenceUNet
+from fastunet.nn import Conv2dReLU, MaxPool2d, UpsampleConcat
+from fastunet.ops._common import memory_format_of
+
+
+class FusedDoubleConv(nn.Module):
+    """Two fused conv 3x3 + bias + ReLU, with the parameter names of the reference DoubleConv."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv1 = Conv2dReLU(in_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2dReLU(out_channels, out_channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv2(self.conv1(x))
+
+
+class UNet(UNetBase):
+    """fastunet's UNet: same arguments, parameter names and results as ReferenceUNet.
+
+    Activations are channels_last inside; the output has the memory format of the input.
+    `fast.load_state_dict(ref.state_dict())` is strict and exact, both ways.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pool = MaxPool2d()
+        self.upsample_concat = UpsampleConcat(self.upsample, self.align_corners)
+
+    def double_conv(self, in_channels: int, out_channels: int) -> nn.Module:
+        return FusedDoubleConv(in_channels, out_channels)
+
+    def head_conv(self, in_channels: int, num_classes: int) -> nn.Module:
+        return Conv2dReLU(in_channels, num_classes, 1, relu=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        layout = memory_format_of(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        skips = []
+        for level, encoder in enumerate(self.encoders):
+            if level > 0:
+                x = self.pool(x)
+            x = encoder(x)
+            skips.append(x)
+        x = skips.pop()
+        for level in reversed(range(self.depth)):
+            x = self.decoders[level](self.upsample_concat(x, skips[level]))
+        return self.head(x).contiguous(memory_format=layout)
+
+    @classmethod
+    def from_reference(cls, reference: ReferenceUNet) -> UNet:
+        """A UNet with the reference's arguments, weights, device, dtype and train/eval mode."""
+        return reference.convert_to(cls)
+
+    def to_reference(self) -> ReferenceUNet:
+        """The same network in plain PyTorch (for export to ONNX or TensorRT)."""
+        return self.convert_to(ReferenceUNet)

@@ -1,0 +1,61 @@
+"""Small nn.Modules over the ops, with the parameter names of their torch.nn counterparts."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from fastunet import ops
+
+
+class Conv2dReLU(nn.Conv2d):
+    """`nn.Conv2d` (stride 1) followed by ReLU, as one fused op.
+
+    Same parameters, initialisation and state_dict keys as `nn.Conv2d`; `relu=False` gives the
+    plain convolution (the UNet's 1x1 head).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        padding: int = 0,
+        bias: bool = True,
+        relu: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        if not isinstance(padding, int):
+            raise TypeError(f"Conv2dReLU: padding must be an int, got {padding!r}")
+        super().__init__(
+            in_channels, out_channels, kernel_size, padding=padding, bias=bias,
+            device=device, dtype=dtype,
+        )  # fmt: skip
+        self.relu = relu
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.conv2d_relu(x, self.weight, self.bias, self.padding[0], self.relu)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", relu={self.relu}"
+
+
+class UpsampleConcat(nn.Module):
+    """`torch.cat([skip, F.interpolate(x, size=skip.shape[-2:], mode=mode)], 1)` as one op."""
+
+    def __init__(self, mode: str = "nearest", align_corners: bool = False):
+        super().__init__()
+        self.mode, self.align_corners = mode, align_corners
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return ops.upsample_concat(x, skip, self.mode, self.align_corners)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, align_corners={self.align_corners}"
+
+
+class MaxPool2d(nn.Module):
+    """`nn.MaxPool2d(2)`, saving one byte per output element for the backward."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.max_pool2d(x)

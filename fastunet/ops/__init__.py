@@ -1,0 +1,12 @@
+"""The op layer: torch.library custom ops in namespace `fastunet`, one module per fused op.
+
+Each op validates its input, picks its backend per call (see `fastunet.info()`), has a fake
+(shape) kernel for torch.compile, an autograd formula whose backward steps are ops too, and an
+autocast rule.
+"""
+
+from fastunet.ops.conv2d_relu import conv2d_relu
+from fastunet.ops.max_pool2d import max_pool2d, max_pool2d_with_argmax
+from fastunet.ops.upsample_concat import upsample_concat
+
+__all__ = ["conv2d_relu", "max_pool2d", "max_pool2d_with_argmax", "upsample_concat"]

@@ -1,0 +1,105 @@
+"""Which implementation serves an op call.
+
+The choice is made per call from the tensor's device and dtype and the environment, so one model
+can run on CPU and GPU in the same process. Nothing above the op layer knows which backend ran.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is defined (at import), so it is read once here too.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# The ops and the kind of kernel that serves them on a GPU.
+TRITON_OPS = ("conv2d_relu", "upsample_concat")
+NATIVE_OPS = ("max_pool2d",)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # "triton", "triton-interpreter", "_C.cuda", "_C.cpu" or "torch"
+    reason: str
+
+    @property
+    def is_triton(self) -> bool:
+        return self.name.startswith("triton")
+
+
+def forced_backend() -> str:
+    """FASTUNET_BACKEND: unset or "auto" picks per call; "torch" forces the composite everywhere."""
+    value = os.environ.get("FASTUNET_BACKEND", "auto").strip().lower() or "auto"
+    if value not in ("auto", "torch"):
+        raise ValueError(f"FASTUNET_BACKEND={value!r} is not understood; use 'auto' or 'torch'")
+    return value
+
+
+@functools.cache
+def triton_kernels_error() -> str | None:
+    """Why the Triton kernels cannot be imported, or None when they can."""
+    try:
+        import fastunet.kernels  # noqa: F401
+    except ImportError as error:
+        return f"triton is not importable: {error}"
+    return None
+
+
+@functools.cache
+def native_extension():
+    """The `fastunet._C` module, or the reason it is missing as a string."""
+    try:
+        from fastunet import _C
+    except ImportError as error:
+        return f"the _C extension is not built ({error})"
+    return _C
+
+
+def choose(op: str, device: torch.device | str, dtype: torch.dtype) -> Backend:
+    device = torch.device(device)
+    if op not in TRITON_OPS + NATIVE_OPS:
+        raise ValueError(f"unknown op {op!r}")
+    if forced_backend() == "torch":
+        return Backend("torch", "forced by FASTUNET_BACKEND=torch")
+    if dtype not in KERNEL_DTYPES:
+        return Backend("torch", f"{dtype} has no kernel (kernels serve fp32, fp16 and bf16)")
+    if op in TRITON_OPS:
+        return _choose_triton(device)
+    return _choose_native(device)
+
+
+def _choose_triton(device: torch.device) -> Backend:
+    if device.type == "cuda":
+        error = triton_kernels_error()
+        if error is None:
+            return Backend("triton", "CUDA tensor: Triton kernel")
+        return Backend("torch", f"CUDA tensor, but {error}")
+    if device.type == "cpu" and TRITON_INTERPRET:
+        error = triton_kernels_error()
+        if error is None:
+            return Backend("triton-interpreter", "CPU tensor with TRITON_INTERPRET=1")
+        return Backend("torch", f"TRITON_INTERPRET=1, but {error}")
+    return Backend(
+        "torch",
+        f"{device.type} tensor: torch composite "
+        "(TRITON_INTERPRET=1 before import runs the Triton kernels on CPU)",
+    )
+
+
+def _choose_native(device: torch.device) -> Backend:
+    ext = native_extension()
+    if isinstance(ext, str):
+        return Backend("torch", ext)
+    if device.type == "cuda":
+        info = ext.build_info()
+        if info["cuda"]:
+            return Backend("_C.cuda", "CUDA tensor: _C CUDA kernel")
+        return Backend("torch", f"CUDA tensor, but _C was built without CUDA: {info['reason']}")
+    if device.type == "cpu":
+        return Backend("_C.cpu", "CPU tensor: _C C++ twin")
+    return Backend("torch", f"{device.type} tensor: torch composite")

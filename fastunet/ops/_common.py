@@ -1,0 +1,107 @@
+"""Input checks, layout helpers and autocast rules shared by the ops."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+CHANNELS_LAST = torch.channels_last
+
+
+def check_activation(op: str, name: str, t: torch.Tensor) -> None:
+    """A 4-D floating-point (N, C, H, W) tensor, else a clear error naming the shape or dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{op}: {name} must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
+    check_floating(op, name, t)
+
+
+def check_floating(op: str, name: str, t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+
+
+def check_same_device_and_dtype(op: str, **tensors: torch.Tensor | None) -> None:
+    named = [(name, t) for name, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; "
+                "move them to one device"
+            )
+        if t.dtype != first.dtype:
+            raise TypeError(
+                f"{op}: {name} is {t.dtype} but {first_name} is {first.dtype}; "
+                "cast them to one dtype (or run under torch.autocast)"
+            )
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when x is stored NHWC (and not also plain contiguous), else contiguous."""
+    if x.is_contiguous(memory_format=CHANNELS_LAST) and not x.is_contiguous():
+        return CHANNELS_LAST
+    return torch.contiguous_format
+
+
+def empty_channels_last(
+    shape, like: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    return torch.empty(
+        shape, dtype=dtype or like.dtype, device=like.device, memory_format=CHANNELS_LAST
+    )
+
+
+def _cast_floating(args: tuple, device_type: str, dtype: torch.dtype) -> tuple:
+    def cast(a):
+        if (
+            isinstance(a, torch.Tensor)
+            and a.is_floating_point()
+            and a.device.type == device_type
+            and a.dtype != torch.float64
+        ):
+            return a.to(dtype)
+        return a
+
+    return tuple(cast(a) for a in args)
+
+
+def _lower_precision(args: tuple, device_type: str) -> torch.dtype:
+    return torch.get_autocast_dtype(device_type)
+
+
+def _widest_floating(args: tuple, device_type: str) -> torch.dtype:
+    dtypes = [a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    widest = dtypes[0]
+    for d in dtypes[1:]:
+        widest = torch.promote_types(widest, d)
+    return widest
+
+
+# Kept alive for the life of the process: it owns the autocast registrations.
+_AUTOCAST_LIB = torch.library.Library("fastunet", "IMPL")
+
+
+def _register_autocast(name: str, target_dtype: Callable[[tuple, str], torch.dtype]) -> None:
+    """Autocast rule for fastunet::<name>: cast, then run the op with autocast off."""
+    op = getattr(torch.ops.fastunet, name).default
+    for device_type, key in (("cuda", "AutocastCUDA"), ("cpu", "AutocastCPU")):
+
+        def kernel(*args, _device_type=device_type):
+            dtype = target_dtype(args, _device_type)
+            with torch.autocast(_device_type, enabled=False):
+                return op(*_cast_floating(args, _device_type, dtype))
+
+        _AUTOCAST_LIB.impl(name, kernel, key)
+
+
+def autocast_to_lower_precision(name: str) -> None:
+    """Like F.conv2d under autocast: floating inputs run in the autocast dtype (fp16 or bf16)."""
+    _register_autocast(name, _lower_precision)
+
+
+def autocast_to_widest(name: str) -> None:
+    """Like torch.cat under autocast: floating inputs are promoted to the widest of them."""
+    _register_autocast(name, _widest_floating)

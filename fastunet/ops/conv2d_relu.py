@@ -1,0 +1,149 @@
+"""fastunet::conv2d_relu: `F.conv2d(x, weight, bias, padding=padding)`, then ReLU when relu.
+
+Stride 1, dilation 1, groups 1, zero padding. The output is channels_last. Its backward is three
+ops: the ReLU mask with the bias gradient (one pass over grad_output), grad_input and grad_weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastunet.ops._common import (
+    CHANNELS_LAST,
+    autocast_to_lower_precision,
+    check_activation,
+    check_floating,
+    check_same_device_and_dtype,
+    empty_channels_last,
+)
+
+OP = "conv2d_relu"
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _check(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> tuple[int, ...]:
+    """Validate the arguments; return the output shape."""
+    check_activation(OP, "x", x)
+    check_floating(OP, "weight", weight)
+    if weight.dim() != 4:
+        raise ValueError(
+            f"{OP}: weight must be 4-D (C_out, C_in, KH, KW), got shape {tuple(weight.shape)}"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(
+            f"{OP}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}"
+        )
+    check_same_device_and_dtype(OP, x=x, weight=weight, bias=bias)
+    n, c_in, h, w = x.shape
+    c_out, weight_c_in, kh, kw = weight.shape
+    if c_in != weight_c_in:
+        raise ValueError(
+            f"{OP}: x has {c_in} channels (shape {tuple(x.shape)}) but weight expects "
+            f"{weight_c_in} (shape {tuple(weight.shape)})"
+        )
+    if padding < 0:
+        raise ValueError(f"{OP}: padding must be >= 0, got {padding}")
+    h_out, w_out = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
+    if h_out < 1 or w_out < 1:
+        raise ValueError(
+            f"{OP}: input {h}x{w} with padding {padding} is smaller than the {kh}x{kw} kernel"
+        )
+    return n, c_out, h_out, w_out
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The composite accumulates in fp32 for fp16 and bf16, like the kernels."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+def _upcast(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.to(_compute_dtype(t.dtype))
+
+
+@torch.library.custom_op("fastunet::conv2d_relu", mutates_args=())
+def conv2d_relu(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: int = 1, relu: bool = True
+) -> Tensor:
+    """Convolution (stride 1) + bias + ReLU in one op; returns a channels_last tensor."""
+    _check(x, weight, bias, padding)
+    out = F.conv2d(_upcast(x), _upcast(weight), _upcast(bias), padding=padding)
+    if relu:
+        out = torch.relu(out)
+    return out.to(x.dtype).contiguous(memory_format=CHANNELS_LAST)
+
+
+@conv2d_relu.register_fake
+def _(x, weight, bias=None, padding=1, relu=True):
+    return empty_channels_last(_check(x, weight, bias, padding), x)
+
+
+@torch.library.custom_op("fastunet::conv2d_relu_grad_output", mutates_args=())
+def conv2d_relu_grad_output(grad_out: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+    """The gradient through the ReLU (zero where out <= 0) and its sum over N, H, W (grad_bias)."""
+    grad = torch.where(out > 0, grad_out, 0).contiguous(memory_format=CHANNELS_LAST)
+    return grad, grad.sum((0, 2, 3), dtype=torch.float32).to(grad.dtype)
+
+
+@conv2d_relu_grad_output.register_fake
+def _(grad_out, out):
+    return empty_channels_last(out.shape, out), out.new_empty(out.shape[1])
+
+
+@torch.library.custom_op("fastunet::conv2d_grad_input", mutates_args=())
+def conv2d_grad_input(
+    grad: Tensor, weight: Tensor, input_height: int, input_width: int, padding: int
+) -> Tensor:
+    """d(loss)/d(x) of the convolution, given the gradient of its pre-activation output."""
+    n, c_in = grad.shape[0], weight.shape[1]
+    grad_x = torch.nn.grad.conv2d_input(
+        (n, c_in, input_height, input_width), _upcast(weight), _upcast(grad), padding=padding
+    )
+    return grad_x.to(grad.dtype).contiguous(memory_format=CHANNELS_LAST)
+
+
+@conv2d_grad_input.register_fake
+def _(grad, weight, input_height, input_width, padding):
+    return empty_channels_last((grad.shape[0], weight.shape[1], input_height, input_width), grad)
+
+
+@torch.library.custom_op("fastunet::conv2d_grad_weight", mutates_args=())
+def conv2d_grad_weight(
+    grad: Tensor, x: Tensor, kernel_height: int, kernel_width: int, padding: int
+) -> Tensor:
+    """d(loss)/d(weight) of the convolution, given the gradient of its pre-activation output."""
+    weight_shape = (grad.shape[1], x.shape[1], kernel_height, kernel_width)
+    grad_w = torch.nn.grad.conv2d_weight(_upcast(x), weight_shape, _upcast(grad), padding=padding)
+    return grad_w.to(grad.dtype).contiguous()
+
+
+@conv2d_grad_weight.register_fake
+def _(grad, x, kernel_height, kernel_width, padding):
+    return grad.new_empty((grad.shape[1], x.shape[1], kernel_height, kernel_width))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, padding, relu = inputs
+    ctx.save_for_backward(x, weight, output if relu else None)
+    ctx.padding, ctx.relu, ctx.has_bias = padding, relu, bias is not None
+
+
+def _backward(ctx, grad_out):
+    x, weight, out = ctx.saved_tensors
+    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+    if ctx.relu:
+        grad, grad_bias = conv2d_relu_grad_output(grad_out, out)
+    else:
+        grad = grad_out
+        grad_bias = grad_out.sum((0, 2, 3), dtype=torch.float32).to(grad_out.dtype)
+    grad_x = grad_w = None
+    if need_x:
+        grad_x = conv2d_grad_input(grad, weight, x.shape[2], x.shape[3], ctx.padding)
+    if need_weight:
+        grad_w = conv2d_grad_weight(grad, x, weight.shape[2], weight.shape[3], ctx.padding)
+    return grad_x, grad_w, grad_bias if ctx.has_bias and need_bias else None, None, None
+
+
+conv2d_relu.register_autograd(_backward, setup_context=_setup_context)
+autocast_to_lower_precision("conv2d_relu")

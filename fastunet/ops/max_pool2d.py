@@ -1,0 +1,94 @@
+"""fastunet::max_pool2d_with_argmax: `F.max_pool2d(x, 2)` and a uint8 argmax for the backward.
+
+Kernel 2, stride 2, floor mode; NaN wins its window and ties pick the first position, as in
+PyTorch. The argmax is the position in the 2x2 window (0..3, row-major), one byte per output
+element where PyTorch saves an int64 index. The output follows the input's memory format.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastunet.ops._common import check_activation, memory_format_of
+
+OP = "max_pool2d"
+
+
+def _check(x: Tensor) -> tuple[int, ...]:
+    """Validate x; return the output shape."""
+    check_activation(OP, "x", x)
+    n, c, h, w = x.shape
+    if h < 2 or w < 2:
+        raise ValueError(f"{OP}: H and W must be >= 2 for a 2x2 window, got shape {tuple(x.shape)}")
+    return n, c, h // 2, w // 2
+
+
+def _empty_like_layout(shape, x: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.empty(shape, dtype=dtype, device=x.device, memory_format=memory_format_of(x))
+
+
+@torch.library.custom_op("fastunet::max_pool2d_with_argmax", mutates_args=())
+def max_pool2d_with_argmax(x: Tensor) -> tuple[Tensor, Tensor]:
+    """2x2 max-pool; returns (output, argmax) where argmax is the uint8 window position."""
+    _check(x)
+    layout = memory_format_of(x)
+    out, index = F.max_pool2d_with_indices(x, 2)
+    # index is h * W + w in the input plane; the window of output (i, j) starts at (2i, 2j).
+    h_out, w_out = out.shape[-2:]
+    rows = torch.arange(h_out, device=x.device).view(-1, 1)
+    cols = torch.arange(w_out, device=x.device).view(1, -1)
+    width = x.shape[-1]
+    argmax = (index // width - 2 * rows) * 2 + (index % width - 2 * cols)
+    return out.contiguous(memory_format=layout), argmax.to(torch.uint8).contiguous(
+        memory_format=layout
+    )
+
+
+@max_pool2d_with_argmax.register_fake
+def _(x):
+    shape = _check(x)
+    return _empty_like_layout(shape, x, x.dtype), _empty_like_layout(shape, x, torch.uint8)
+
+
+@torch.library.custom_op("fastunet::max_pool2d_backward", mutates_args=())
+def max_pool2d_backward(
+    grad_out: Tensor, argmax: Tensor, input_height: int, input_width: int
+) -> Tensor:
+    """Each input element gets its window's gradient if it was the window's argmax, else 0."""
+    n, c, h_out, w_out = grad_out.shape
+    positions = torch.arange(4, device=argmax.device).view(1, 1, 1, 1, 2, 2)
+    chosen = argmax[..., None, None] == positions
+    windows = torch.where(chosen, grad_out[..., None, None], 0)
+    # (n, c, i, j, dy, dx) -> (n, c, 2i + dy, 2j + dx), then zeros for a dropped row/column.
+    grad = windows.permute(0, 1, 2, 4, 3, 5).reshape(n, c, 2 * h_out, 2 * w_out)
+    grad = F.pad(grad, (0, input_width - 2 * w_out, 0, input_height - 2 * h_out))
+    return grad.contiguous(memory_format=memory_format_of(argmax))
+
+
+@max_pool2d_backward.register_fake
+def _(grad_out, argmax, input_height, input_width):
+    shape = (grad_out.shape[0], grad_out.shape[1], input_height, input_width)
+    return _empty_like_layout(shape, argmax, grad_out.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    (x,) = inputs
+    _, argmax = output
+    ctx.mark_non_differentiable(argmax)
+    ctx.save_for_backward(argmax)
+    ctx.input_size = x.shape[2], x.shape[3]
+
+
+def _backward(ctx, grad_out, _grad_argmax):
+    (argmax,) = ctx.saved_tensors
+    return max_pool2d_backward(grad_out, argmax, *ctx.input_size)
+
+
+max_pool2d_with_argmax.register_autograd(_backward, setup_context=_setup_context)
+
+
+def max_pool2d(x: Tensor) -> Tensor:
+    """`F.max_pool2d(x, 2)`; its backward saves one byte per output element."""
+    return max_pool2d_with_argmax(x)[0]

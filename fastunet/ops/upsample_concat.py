@@ -1,0 +1,111 @@
+"""fastunet::upsample_concat: `torch.cat([skip, F.interpolate(x, size=skip.shape[-2:])], 1)`.
+
+Modes "nearest" (PyTorch's index rule) and "bilinear" (align_corners False or True). The output is
+channels_last. grad_skip is the matching channel slice of grad_output; grad_x, the adjoint of the
+upsample, is its own op so that the kernel behind it can gather deterministically.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastunet.ops._common import (
+    CHANNELS_LAST,
+    autocast_to_widest,
+    check_activation,
+    check_same_device_and_dtype,
+    empty_channels_last,
+)
+
+OP = "upsample_concat"
+MODES = ("nearest", "bilinear")
+
+
+def _check(x: Tensor, skip: Tensor, mode: str) -> tuple[int, ...]:
+    """Validate the arguments; return the output shape."""
+    check_activation(OP, "x", x)
+    check_activation(OP, "skip", skip)
+    if mode not in MODES:
+        raise ValueError(f"{OP}: mode must be one of {MODES}, got {mode!r}")
+    check_same_device_and_dtype(OP, x=x, skip=skip)
+    if x.shape[0] != skip.shape[0]:
+        raise ValueError(
+            f"{OP}: x has batch {x.shape[0]} (shape {tuple(x.shape)}) but skip has batch "
+            f"{skip.shape[0]} (shape {tuple(skip.shape)})"
+        )
+    if x.shape[0] > 0 and (x.shape[2] == 0 or x.shape[3] == 0):
+        raise ValueError(f"{OP}: x has an empty spatial size, shape {tuple(x.shape)}")
+    n, c_skip, h, w = skip.shape
+    return n, c_skip + x.shape[1], h, w
+
+
+def _interpolate(x: Tensor, size, mode: str, align_corners: bool) -> Tensor:
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+
+
+@torch.library.custom_op("fastunet::upsample_concat", mutates_args=())
+def upsample_concat(
+    x: Tensor, skip: Tensor, mode: str = "nearest", align_corners: bool = False
+) -> Tensor:
+    """Upsample x to skip's H, W and concatenate [skip, upsampled] on channels, channels_last."""
+    shape = _check(x, skip, mode)
+    out = empty_channels_last(shape, skip)
+    c_skip = skip.shape[1]
+    out[:, :c_skip] = skip
+    out[:, c_skip:] = _interpolate(x, skip.shape[-2:], mode, align_corners)
+    return out
+
+
+@upsample_concat.register_fake
+def _(x, skip, mode="nearest", align_corners=False):
+    return empty_channels_last(_check(x, skip, mode), skip)
+
+
+@torch.library.custom_op("fastunet::upsample_grad", mutates_args=())
+def upsample_grad(
+    grad_up: Tensor, input_height: int, input_width: int, mode: str, align_corners: bool
+) -> Tensor:
+    """The adjoint of the upsample: d(loss)/d(x) from the gradient of the upsampled channels."""
+    x_shape = (grad_up.shape[0], grad_up.shape[1], input_height, input_width)
+    dtype = grad_up.dtype
+    compute_dtype = torch.float64 if grad_up.dtype == torch.float64 else torch.float32
+    grad_up = grad_up.to(compute_dtype)
+    if mode == "nearest":
+        grad_x = torch.ops.aten.upsample_nearest2d_backward(grad_up, grad_up.shape[-2:], x_shape)
+    else:
+        grad_x = torch.ops.aten.upsample_bilinear2d_backward(
+            grad_up, grad_up.shape[-2:], x_shape, align_corners
+        )
+    return grad_x.to(dtype).contiguous(memory_format=CHANNELS_LAST)
+
+
+@upsample_grad.register_fake
+def _(grad_up, input_height, input_width, mode, align_corners):
+    return empty_channels_last(
+        (grad_up.shape[0], grad_up.shape[1], input_height, input_width), grad_up
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, skip, mode, align_corners = inputs
+    ctx.x_size = x.shape[2], x.shape[3]
+    ctx.c_skip = skip.shape[1]
+    ctx.mode, ctx.align_corners = mode, align_corners
+
+
+def _backward(ctx, grad_out):
+    need_x, need_skip = ctx.needs_input_grad[:2]
+    grad_x = grad_skip = None
+    if need_x:
+        grad_x = upsample_grad(grad_out[:, ctx.c_skip :], *ctx.x_size, ctx.mode, ctx.align_corners)
+    if need_skip:
+        grad_skip = grad_out[:, : ctx.c_skip]
+    return grad_x, grad_skip, None, None
+
+
+upsample_concat.register_autograd(_backward, setup_context=_setup_context)
+autocast_to_widest("upsample_concat")

@@ -1,0 +1,34 @@
+"""Shared fixtures. Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors.
+
+TRITON_INTERPRET must be set before triton is imported, so it is set here, at collection, before
+any test module imports fastunet.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="GPU tier: needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def torch_backend(monkeypatch):
+    """Force the torch composite for every op (FASTUNET_BACKEND=torch)."""
+    monkeypatch.setenv("FASTUNET_BACKEND", "torch")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

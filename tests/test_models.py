@@ -1,0 +1,184 @@
+"""UNet against ReferenceUNet on the same weights: forward, every gradient, layouts, bad input."""
+
+import pytest
+import torch
+
+from fastunet import ReferenceUNet, UNet
+from fastunet.bench.parity import relative_error
+
+FP32_TOLERANCE = 1e-5
+
+
+def make_pair(depth=2, base_channels=4, in_channels=3, num_classes=2, upsample="nearest",
+              align_corners=False, dtype=torch.float32):  # fmt: skip
+    reference = ReferenceUNet(
+        in_channels, num_classes, base_channels, depth, upsample, align_corners
+    )
+    reference = reference.to(dtype)
+    return reference, UNet.from_reference(reference)
+
+
+def forward_backward(model, x, grad_out=None):
+    x = x.detach().clone().requires_grad_()
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    if grad_out is None:
+        grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    return out, x.grad, grads, grad_out
+
+
+def assert_same_results(reference, fast, x, tolerance=FP32_TOLERANCE):
+    out_ref, grad_x_ref, grads_ref, grad_out = forward_backward(reference, x)
+    out, grad_x, grads, _ = forward_backward(fast, x, grad_out)
+    assert out.shape == out_ref.shape and out.dtype == out_ref.dtype
+    assert relative_error(out, out_ref) <= tolerance
+    assert relative_error(grad_x, grad_x_ref) <= tolerance
+    assert grads.keys() == grads_ref.keys()
+    for name, grad in grads.items():
+        assert relative_error(grad, grads_ref[name]) <= tolerance, name
+
+
+CASES = [
+    # (batch, in_channels, H, W, depth, base_channels, upsample, align_corners)
+    (2, 3, 16, 16, 2, 4, "nearest", False),
+    (1, 3, 17, 23, 2, 4, "nearest", False),
+    (1, 1, 9, 12, 3, 3, "bilinear", False),
+    (2, 3, 19, 16, 1, 5, "bilinear", True),
+    (1, 2, 33, 35, 4, 2, "nearest", False),
+    (1, 3, 16, 31, 4, 2, "bilinear", False),
+]
+
+
+@pytest.mark.parametrize("batch,cin,h,w,depth,base,upsample,align", CASES)
+def test_unet_matches_reference_fp32(torch_backend, batch, cin, h, w, depth, base, upsample, align):
+    reference, fast = make_pair(depth, base, cin, 3, upsample, align)
+    x = torch.randn(batch, cin, h, w)
+    assert_same_results(reference, fast, x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("upsample", ["nearest", "bilinear"])
+def test_unet_on_kernels_matches_reference(upsample):
+    """The whole model through the kernels (the interpreter on CPU), forward and backward."""
+    reference, fast = make_pair(depth=2, base_channels=4, upsample=upsample)
+    assert_same_results(reference, fast, torch.randn(1, 3, 12, 10))
+
+
+def test_state_dict_round_trip_is_strict_and_exact():
+    reference, _ = make_pair(depth=3)
+    fast = UNet(3, 2, 4, 3)
+    fast.load_state_dict(reference.state_dict(), strict=True)
+    back = ReferenceUNet(3, 2, 4, 3)
+    back.load_state_dict(fast.state_dict(), strict=True)
+    assert list(fast.state_dict()) == list(reference.state_dict())
+    for name, value in reference.state_dict().items():
+        assert torch.equal(fast.state_dict()[name], value)
+        assert torch.equal(back.state_dict()[name], value)
+
+
+def test_from_reference_and_to_reference_keep_weights_dtype_and_mode():
+    reference, _ = make_pair(depth=2, upsample="bilinear", align_corners=True, dtype=torch.float64)
+    reference.eval()
+    fast = UNet.from_reference(reference)
+    assert isinstance(fast, UNet) and not fast.training
+    assert fast.config == reference.config
+    assert fast.head.weight.dtype == torch.float64
+    back = fast.to_reference()
+    assert type(back) is ReferenceUNet and not back.training
+    for name, value in reference.state_dict().items():
+        assert torch.equal(back.state_dict()[name], value)
+
+
+def test_fresh_unet_has_reference_initialisation_and_names():
+    torch.manual_seed(1)
+    reference = ReferenceUNet(3, 2, 4, 2)
+    torch.manual_seed(1)
+    fast = UNet(3, 2, 4, 2)
+    for (name, p), (name_ref, p_ref) in zip(
+        fast.named_parameters(), reference.named_parameters(), strict=True
+    ):
+        assert name == name_ref
+        assert torch.equal(p, p_ref)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_input_layouts_give_the_same_result(torch_backend, layout):
+    reference, fast = make_pair(depth=2)
+    x = torch.randn(2, 3, 12, 14)
+    expected = reference(x)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(2, 3, 24, 14)[:, :, ::2]
+        expected = reference(x.contiguous())
+    out = fast(x)
+    assert relative_error(out, expected) <= FP32_TOLERANCE
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert out.is_contiguous()
+
+
+def test_batch_of_zero_gives_an_empty_result(torch_backend):
+    reference, fast = make_pair(depth=2)
+    x = torch.randn(0, 3, 8, 8, requires_grad=True)
+    out = fast(x)
+    assert out.shape == reference(x).shape == (0, 2, 8, 8)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_inf_propagate_as_in_the_reference(torch_backend, value):
+    reference, fast = make_pair(depth=2)
+    x = torch.randn(1, 3, 8, 8)
+    x[0, 1, 3, 5] = value
+    expected, out = reference(x), fast(x)
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    assert torch.equal(torch.isinf(out), torch.isinf(expected))
+    finite = torch.isfinite(expected)
+    assert torch.allclose(out[finite], expected[finite], rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_bf16_on_cpu(torch_backend):
+    reference, fast = make_pair(depth=2, base_channels=8)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, out = reference(x), fast(x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert relative_error(out, expected) <= 1e-2
+    out.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in fast.parameters())
+
+
+@pytest.mark.parametrize(
+    "x,error,match",
+    [
+        (torch.randn(3, 16, 16), ValueError, "must be 4-D"),
+        (torch.randn(1, 4, 16, 16), ValueError, "4 channels .* in_channels=3"),
+        (torch.randn(1, 3, 16, 3), ValueError, r"H and W must be >= 2\*\*depth = 4"),
+        (torch.ones(1, 3, 16, 16, dtype=torch.int64), TypeError, "floating-point.*int64"),
+        (torch.ones(1, 3, 16, 16, dtype=torch.bool), TypeError, "floating-point.*bool"),
+        (torch.randn(1, 3, 16, 16, device="meta"), ValueError, "on meta .* on cpu"),
+    ],
+)
+@pytest.mark.parametrize("model_class", [ReferenceUNet, UNet])
+def test_bad_input_gets_a_clear_error(model_class, x, error, match):
+    model = model_class(3, 2, 4, 2)
+    with pytest.raises(error, match=match):
+        model(x)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(depth=0), "depth must be a positive int"),
+        (dict(base_channels=-1), "base_channels must be a positive int"),
+        (dict(upsample="bicubic"), "upsample must be one of"),
+    ],
+)
+def test_bad_arguments_get_a_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        UNet(**kwargs)

@@ -1,0 +1,139 @@
+"""The op layer: registration (opcheck), autograd formulas (gradcheck), errors, layouts."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+from fastunet import ops
+from fastunet.ops.conv2d_relu import conv2d_grad_input, conv2d_grad_weight, conv2d_relu_grad_output
+from fastunet.ops.max_pool2d import max_pool2d_backward
+from fastunet.ops.upsample_concat import upsample_grad
+
+
+def channels_last(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+# opcheck runs each op several times, so these shapes are small: the interpreter is slow.
+def opcheck_cases():
+    x = torch.randn(2, 3, 7, 6, requires_grad=True)
+    w = torch.randn(5, 3, 3, 3, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    out = ops.conv2d_relu(x, w, b).detach()
+    grad = channels_last(torch.randn(2, 5, 7, 6))
+    small = torch.randn(2, 4, 3, 5, requires_grad=True)
+    skip = torch.randn(2, 3, 7, 9, requires_grad=True)
+    pooled, argmax = ops.max_pool2d_with_argmax(x.detach())
+    return [
+        (ops.conv2d_relu, (x, w, b, 1, True)),
+        (ops.conv2d_relu, (channels_last(x.detach()).requires_grad_(), w, None, 0, False)),
+        (conv2d_relu_grad_output, (grad, out)),
+        (conv2d_grad_input, (grad, w.detach(), 7, 6, 1)),
+        (conv2d_grad_weight, (grad, x.detach(), 3, 3, 1)),
+        (ops.upsample_concat, (small, skip, "nearest", False)),
+        (ops.upsample_concat, (small, channels_last(skip.detach()), "bilinear", True)),
+        (upsample_grad, (channels_last(torch.randn(2, 4, 7, 9)), 3, 5, "bilinear", False)),
+        (ops.max_pool2d_with_argmax, (x,)),
+        (ops.max_pool2d_with_argmax, (channels_last(x.detach()).requires_grad_(),)),
+        (max_pool2d_backward, (torch.randn_like(pooled), argmax, 7, 6)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(11))
+def test_opcheck(case):
+    op, args = opcheck_cases()[case]
+    opcheck(op, args)
+
+
+# gradcheck in float64 checks each autograd formula against finite differences.
+@pytest.mark.parametrize(
+    "relu,bias,padding,kernel",
+    [(True, True, 1, 3), (False, False, 0, 1), (True, False, 2, 3), (False, True, 0, 2)],
+)
+def test_conv2d_relu_gradcheck(relu, bias, padding, kernel):
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True) if bias else None
+    torch.autograd.gradcheck(lambda *a: ops.conv2d_relu(*a, padding, relu), (x, w, b))
+
+
+@pytest.mark.parametrize(
+    "mode,align", [("nearest", False), ("bilinear", False), ("bilinear", True)]
+)
+def test_upsample_concat_gradcheck(mode, align):
+    x = torch.randn(2, 3, 3, 4, dtype=torch.float64, requires_grad=True)
+    skip = torch.randn(2, 2, 7, 5, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda a, b: ops.upsample_concat(a, b, mode, align), (x, skip))
+
+
+def test_max_pool2d_gradcheck():
+    # Distinct values, so no window has a tie that finite differences would straddle.
+    x = torch.randperm(2 * 3 * 5 * 7, dtype=torch.float64).reshape(2, 3, 5, 7)
+    x.requires_grad_()
+    torch.autograd.gradcheck(ops.max_pool2d, (x,))
+
+
+def test_ops_equal_their_composites():
+    x, w, b = torch.randn(2, 3, 9, 8), torch.randn(6, 3, 3, 3), torch.randn(6)
+    torch.testing.assert_close(ops.conv2d_relu(x, w, b), F.relu(F.conv2d(x, w, b, padding=1)))
+    up, skip = torch.randn(2, 4, 4, 3), torch.randn(2, 2, 9, 7)
+    torch.testing.assert_close(
+        ops.upsample_concat(up, skip, "bilinear", True),
+        torch.cat([skip, F.interpolate(up, (9, 7), mode="bilinear", align_corners=True)], 1),
+    )
+    assert torch.equal(ops.max_pool2d(x), F.max_pool2d(x, 2))
+
+
+def test_output_layouts():
+    x = torch.randn(2, 3, 8, 6)
+    assert ops.conv2d_relu(x, torch.randn(4, 3, 3, 3)).is_contiguous(
+        memory_format=torch.channels_last
+    )
+    assert ops.upsample_concat(x, torch.randn(2, 2, 9, 9)).is_contiguous(
+        memory_format=torch.channels_last
+    )
+    assert ops.max_pool2d(x).is_contiguous()
+    assert ops.max_pool2d(channels_last(x)).is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda: ops.conv2d_relu(torch.randn(3, 8, 8), torch.randn(4, 3, 3, 3)), ValueError,
+         "x must be 4-D"),
+        (lambda: ops.conv2d_relu(torch.randn(1, 2, 8, 8), torch.randn(4, 3, 3, 3)), ValueError,
+         "x has 2 channels .* weight expects 3"),
+        (lambda: ops.conv2d_relu(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3)), ValueError,
+         "weight must be 4-D"),
+        (lambda: ops.conv2d_relu(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(3)),
+         ValueError, r"bias must have shape \(4,\)"),
+        (lambda: ops.conv2d_relu(torch.ones(1, 3, 8, 8, dtype=torch.int32),
+                                 torch.randn(4, 3, 3, 3)), TypeError, "floating-point.*int32"),
+        (lambda: ops.conv2d_relu(torch.randn(1, 3, 8, 8).half(), torch.randn(4, 3, 3, 3)),
+         TypeError, "weight is torch.float32 but x is torch.float16"),
+        (lambda: ops.conv2d_relu(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3, device="meta")),
+         ValueError, "weight is on meta but x is on cpu"),
+        (lambda: ops.conv2d_relu(torch.randn(1, 3, 2, 2), torch.randn(4, 3, 5, 5), padding=1),
+         ValueError, "smaller than the 5x5 kernel"),
+        (lambda: ops.conv2d_relu(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), padding=-1),
+         ValueError, "padding must be >= 0"),
+        (lambda: ops.upsample_concat(torch.randn(2, 3, 4, 4), torch.randn(1, 3, 8, 8)),
+         ValueError, "x has batch 2 .* skip has batch 1"),
+        (lambda: ops.upsample_concat(torch.randn(2, 3, 4), torch.randn(2, 3, 8, 8)), ValueError,
+         "x must be 4-D"),
+        (lambda: ops.upsample_concat(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 8, 8), "bicubic"),
+         ValueError, "mode must be one of"),
+        (lambda: ops.upsample_concat(torch.randn(1, 3, 4, 4).double(), torch.randn(1, 3, 8, 8)),
+         TypeError, "skip is torch.float32 but x is torch.float64"),
+        (lambda: ops.upsample_concat(torch.randn(1, 3, 4, 4),
+                                     torch.randn(1, 3, 8, 8, device="meta")),
+         ValueError, "skip is on meta but x is on cpu"),
+        (lambda: ops.max_pool2d(torch.randn(1, 3, 1, 8)), ValueError, "H and W must be >= 2"),
+        (lambda: ops.max_pool2d(torch.ones(1, 3, 4, 4, dtype=torch.bool)), TypeError,
+         "floating-point.*bool"),
+    ],
+)  # fmt: skip
+def test_bad_arguments_get_a_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
