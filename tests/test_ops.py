@@ -137,3 +137,9 @@ def test_output_layouts():
 def test_bad_arguments_get_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_forced_backend_is_validated(monkeypatch):
+    monkeypatch.setenv("FASTUNET_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="FASTUNET_BACKEND='cudnn' is not understood"):
+        ops.conv2d_relu(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 3, 3))

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-# Triton reads TRITON_INTERPRET when a kernel is defined (at import), so it is read once here too.
-TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from fastunet.kernels import INTERPRET as TRITON_INTERPRET
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

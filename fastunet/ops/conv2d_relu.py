@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastunet.ops._backend import choose
 from fastunet.ops._common import (
     CHANNELS_LAST,
     autocast_to_lower_precision,
@@ -62,12 +63,23 @@ def _upcast(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.to(_compute_dtype(t.dtype))
 
 
+def _triton_kernels(t: Tensor):
+    """The Triton launchers if they serve this tensor (imported on first use), else None."""
+    if not choose(OP, t.device, t.dtype).is_triton:
+        return None
+    from fastunet.kernels import conv2d_relu as kernels
+
+    return kernels
+
+
 @torch.library.custom_op("fastunet::conv2d_relu", mutates_args=())
 def conv2d_relu(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: int = 1, relu: bool = True
 ) -> Tensor:
     """Convolution (stride 1) + bias + ReLU in one op; returns a channels_last tensor."""
     _check(x, weight, bias, padding)
+    if kernels := _triton_kernels(x):
+        return kernels.forward(x, weight, bias, padding, relu)
     out = F.conv2d(_upcast(x), _upcast(weight), _upcast(bias), padding=padding)
     if relu:
         out = torch.relu(out)
@@ -82,6 +94,8 @@ def _(x, weight, bias=None, padding=1, relu=True):
 @torch.library.custom_op("fastunet::conv2d_relu_grad_output", mutates_args=())
 def conv2d_relu_grad_output(grad_out: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
     """The gradient through the ReLU (zero where out <= 0) and its sum over N, H, W (grad_bias)."""
+    if kernels := _triton_kernels(out):
+        return kernels.relu_grad(grad_out, out)
     grad = torch.where(out > 0, grad_out, 0).contiguous(memory_format=CHANNELS_LAST)
     return grad, grad.sum((0, 2, 3), dtype=torch.float32).to(grad.dtype)
 
@@ -96,6 +110,8 @@ def conv2d_grad_input(
     grad: Tensor, weight: Tensor, input_height: int, input_width: int, padding: int
 ) -> Tensor:
     """d(loss)/d(x) of the convolution, given the gradient of its pre-activation output."""
+    if kernels := _triton_kernels(grad):
+        return kernels.grad_input(grad, weight, input_height, input_width, padding)
     n, c_in = grad.shape[0], weight.shape[1]
     grad_x = torch.nn.grad.conv2d_input(
         (n, c_in, input_height, input_width), _upcast(weight), _upcast(grad), padding=padding
@@ -113,6 +129,8 @@ def conv2d_grad_weight(
     grad: Tensor, x: Tensor, kernel_height: int, kernel_width: int, padding: int
 ) -> Tensor:
     """d(loss)/d(weight) of the convolution, given the gradient of its pre-activation output."""
+    if kernels := _triton_kernels(grad):
+        return kernels.grad_weight(grad, x, kernel_height, kernel_width, padding)
     weight_shape = (grad.shape[1], x.shape[1], kernel_height, kernel_width)
     grad_w = torch.nn.grad.conv2d_weight(_upcast(x), weight_shape, _upcast(grad), padding=padding)
     return grad_w.to(grad.dtype).contiguous()
@@ -131,7 +149,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     x, weight, out = ctx.saved_tensors
-    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+    # needs_input_grad lists the tensor inputs given: (x, weight) or (x, weight, bias).
+    need_x, need_weight = ctx.needs_input_grad[:2]
+    need_bias = ctx.has_bias and ctx.needs_input_grad[2]
     if ctx.relu:
         grad, grad_bias = conv2d_relu_grad_output(grad_out, out)
     else:
@@ -142,7 +162,7 @@ def _backward(ctx, grad_out):
         grad_x = conv2d_grad_input(grad, weight, x.shape[2], x.shape[3], ctx.padding)
     if need_weight:
         grad_w = conv2d_grad_weight(grad, x, weight.shape[2], weight.shape[3], ctx.padding)
-    return grad_x, grad_w, grad_bias if ctx.has_bias and need_bias else None, None, None
+    return grad_x, grad_w, grad_bias if need_bias else None, None, None
 
 
 conv2d_relu.register_autograd(_backward, setup_context=_setup_context)

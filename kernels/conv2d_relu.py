@@ -1,0 +1,389 @@
+"""Fused convolution + bias + ReLU (stride 1, zero padding) as Triton implicit GEMMs.
+
+Activations are channels_last (NHWC), so a pixel's channels are contiguous and one tile of the
+implicit im2col matrix is a masked, contiguous load per pixel. Every kernel accumulates in fp32.
+
+- forward:     out[m, co] = relu(bias[co] + sum_k A[m, k] * W[co, k]),  m = (n, oh, ow),
+               k = (kh, kw, ci): GEMM M = N*H_out*W_out, N = C_out, K = KH*KW*C_in.
+- grad_input:  the same kernel on grad with the kernel flipped and C_in/C_out swapped
+               (a stride-1 transposed convolution is a convolution with padding KH-1-pad).
+- grad_weight: dW[co, k] = sum_m grad[m, co] * A[m, k], a reduction over N*H*W split into
+               SPLIT slices that fill the GPU; the slices are summed in a fixed order (no atomics).
+- relu_grad:   the ReLU mask applied to grad_output, with the bias gradient from the same pass.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from fastunet.kernels import INTERPRET
+
+# Tile sizes used under TRITON_INTERPRET (autotuning needs a GPU): few, large programs run fastest.
+INTERPRETER_TILES = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)
+
+
+def _config(block_m, block_n, block_k, stages, warps, **extra):
+    kwargs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **extra)
+    return triton.Config(kwargs, num_stages=stages, num_warps=warps)
+
+
+GEMM_CONFIGS = [
+    _config(128, 128, 64, 3, 8, GROUP_M=8),
+    _config(128, 256, 64, 3, 8, GROUP_M=8),
+    _config(256, 128, 64, 3, 8, GROUP_M=8),
+    _config(128, 64, 64, 4, 4, GROUP_M=8),
+    _config(64, 128, 64, 4, 4, GROUP_M=8),
+    _config(128, 128, 32, 4, 4, GROUP_M=8),
+    _config(64, 64, 32, 4, 4, GROUP_M=8),
+    _config(128, 32, 32, 4, 4, GROUP_M=8),
+    _config(128, 16, 32, 4, 4, GROUP_M=8),
+]
+
+GRAD_WEIGHT_CONFIGS = [
+    _config(64, 128, 64, 3, 8),
+    _config(128, 128, 64, 3, 8),
+    _config(64, 64, 64, 4, 4),
+    _config(128, 64, 32, 4, 4),
+    _config(64, 32, 32, 4, 4),
+    _config(64, 16, 16, 4, 4),
+]
+
+# The longest reduction slice of grad_weight is a multiple of every BLOCK_M above.
+SPLIT_GRANULE = 256
+
+
+def _fits(config, n_size, k_size, element_size):
+    """Drop tiles much wider than the problem and those whose pipeline overflows shared memory."""
+    kw = config.kwargs
+    if kw["BLOCK_N"] > max(16, triton.next_power_of_2(n_size)):
+        return False
+    if kw["BLOCK_K"] > max(16, triton.next_power_of_2(k_size)):
+        return False
+    stage_bytes = (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * element_size
+    return stage_bytes * config.num_stages <= 160 * 1024
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    element_size = named_args["x_ptr"].element_size()
+    kept = [c for c in configs if _fits(c, named_args["C_OUT"], named_args["C_IN"], element_size)]
+    return kept or configs[-1:]
+
+
+def _prune_grad_weight_configs(configs, named_args, **kwargs):
+    element_size = named_args["x_ptr"].element_size()
+    # Here the output tile is (BLOCK_N of C_out) x (BLOCK_K of C_in).
+    kept = [c for c in configs if _fits(c, named_args["C_OUT"], named_args["C_IN"], element_size)]
+    return kept or configs[-1:]
+
+
+def _autotune(configs, key, prune):
+    if INTERPRET:  # the interpreter cannot time configs; the launcher passes INTERPRETER_TILES
+        return lambda kernel: kernel
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})
+
+
+@triton.jit
+def _pixel_coordinates(offs_m, H_OUT, W_OUT):
+    ow = offs_m % W_OUT
+    rest = offs_m // W_OUT
+    return rest // H_OUT, rest % H_OUT, ow
+
+
+@triton.jit
+def _load_shifted_pixels(
+    x_ptr, x_base, oh, ow, pixel_valid, dh, dw, cs, H, W, C_IN, stride_xh, stride_xw
+):
+    """The [pixels, channels] tile of NHWC x at (oh + dh, ow + dw), zero outside the image."""
+    ih = oh + dh
+    iw = ow + dw
+    inside = pixel_valid & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    pointers = x_ptr + (x_base + dh * stride_xh + dw * stride_xw)[:, None] + cs[None, :]
+    return tl.load(pointers, mask=inside[:, None] & (cs < C_IN)[None, :], other=0.0)
+
+
+@_autotune(GEMM_CONFIGS, ["N", "H_OUT", "W_OUT", "C_IN", "C_OUT", "KH", "KW"], _prune_gemm_configs)
+@triton.jit
+def _conv2d_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr,
+    N, H, W, C_IN, H_OUT, W_OUT, C_OUT,
+    stride_xn, stride_xh, stride_xw,
+    PAD_H, PAD_W,
+    KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """out (NHWC) = [relu](conv(x, w) + bias); w is [C_OUT, KH, KW, C_IN] contiguous."""
+    M = N * H_OUT * W_OUT
+    # Grouped program order: GROUP_M row-tiles share their weight tiles in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(C_OUT, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_size
+    pid_n = (pid % pids_per_group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_valid = offs_m < M
+    n_valid = offs_n < C_OUT
+    n, oh, ow = _pixel_coordinates(offs_m, H_OUT, W_OUT)
+    x_base = n.to(tl.int64) * stride_xn + oh * stride_xh + ow * stride_xw
+    w_rows = w_ptr + offs_n.to(tl.int64)[None, :] * (KH * KW * C_IN)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    c_blocks = tl.cdiv(C_IN, BLOCK_K)
+    for step in range(KH * KW * c_blocks):
+        tap = step // c_blocks
+        cs = (step % c_blocks) * BLOCK_K + offs_k
+        kh = tap // KW
+        kw = tap % KW
+        a = _load_shifted_pixels(
+            x_ptr, x_base, oh, ow, m_valid, kh - PAD_H, kw - PAD_W, cs,
+            H, W, C_IN, stride_xh, stride_xw,
+        )  # fmt: skip
+        b = tl.load(
+            w_rows + (tap * C_IN + cs)[:, None],
+            mask=(cs < C_IN)[:, None] & n_valid[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    if RELU:
+        acc = tl.where(acc < 0, 0.0, acc)  # NaN stays NaN, as in torch.relu
+    out_pointers = out_ptr + offs_m.to(tl.int64)[:, None] * C_OUT + offs_n[None, :]
+    tl.store(
+        out_pointers,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=m_valid[:, None] & n_valid[None, :],
+    )
+
+
+@_autotune(
+    GRAD_WEIGHT_CONFIGS,
+    ["N", "H_OUT", "W_OUT", "C_IN", "C_OUT", "KH", "KW", "M_PER_SPLIT"],
+    _prune_grad_weight_configs,
+)
+@triton.jit
+def _conv2d_grad_weight_kernel(
+    grad_ptr, x_ptr, partial_ptr,
+    N, H, W, C_IN, H_OUT, W_OUT, C_OUT,
+    stride_xn, stride_xh, stride_xw,
+    PAD_H, PAD_W, M_PER_SPLIT,
+    KH: tl.constexpr, KW: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """partial[split, co, (kh, kw, ci)] = sum over this split's pixels of grad[m, co] * x[m + tap].
+
+    Program (tile, split): tile = (co block, tap, ci block) so each x tile is one shifted,
+    contiguous NHWC load; BLOCK_N spans C_out and BLOCK_K spans C_in.
+    """
+    M = N * H_OUT * W_OUT
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    c_blocks = tl.cdiv(C_IN, BLOCK_K)
+    pid_n = pid // (KH * KW * c_blocks)
+    tap = (pid // c_blocks) % (KH * KW)
+    kh = tap // KW
+    kw = tap % KW
+    offs_co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cs = (pid % c_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+    co_valid = offs_co < C_OUT
+
+    m_start = split * M_PER_SPLIT
+    m_end = tl.minimum(m_start + M_PER_SPLIT, M)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < m_end
+        n, oh, ow = _pixel_coordinates(offs_m, H_OUT, W_OUT)
+        x_base = n.to(tl.int64) * stride_xn + oh * stride_xh + ow * stride_xw
+        a = _load_shifted_pixels(
+            x_ptr, x_base, oh, ow, m_valid, kh - PAD_H, kw - PAD_W, cs,
+            H, W, C_IN, stride_xh, stride_xw,
+        )  # fmt: skip
+        # grad is [M, C_OUT] row-major; load its transpose tile [BLOCK_N, BLOCK_M].
+        g = tl.load(
+            grad_ptr + offs_m.to(tl.int64)[None, :] * C_OUT + offs_co[:, None],
+            mask=co_valid[:, None] & m_valid[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(g, a, acc, input_precision=INPUT_PRECISION)
+
+    k_total = KH * KW * C_IN
+    partial_pointers = (
+        partial_ptr
+        + split.to(tl.int64) * C_OUT * k_total
+        + offs_co[:, None] * k_total
+        + (tap * C_IN + cs)[None, :]
+    )
+    tl.store(partial_pointers, acc, mask=co_valid[:, None] & (cs < C_IN)[None, :])
+
+
+@triton.jit
+def _relu_grad_kernel(
+    grad_out_ptr, out_ptr, grad_ptr, bias_partial_ptr, M, C,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """grad = grad_out where out > 0 else 0 ([M, C] row-major), and per-block column sums."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (offs_m < M)[:, None] & (offs_c < C)[None, :]
+    offsets = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
+    grad_out = tl.load(grad_out_ptr + offsets, mask=mask, other=0.0)
+    out = tl.load(out_ptr + offsets, mask=mask, other=0.0)
+    grad = tl.where(out > 0, grad_out, 0.0)
+    tl.store(grad_ptr + offsets, grad, mask=mask)
+    column_sums = tl.sum(grad.to(tl.float32), axis=0)
+    tl.store(bias_partial_ptr + pid_m * C + offs_c, column_sums, mask=offs_c < C)
+
+
+def _input_precision(x: torch.Tensor) -> str:
+    """TF32 for fp32 exactly when cuDNN would use it, so both backends give the same numbers."""
+    if x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _check_image_size(x: torch.Tensor) -> None:
+    # Offsets within one image are int32; across the batch they are int64.
+    if x[0].numel() >= 2**31:
+        raise ValueError(
+            f"conv2d_relu: one image of shape {tuple(x.shape[1:])} is >= 2**31 elements"
+        )
+
+
+def _launch_conv(x, weight_khwc, bias, out, pad_h, pad_w, relu):
+    """out = [relu](conv(x, weight) + bias) for NHWC x and out, weight as [C_out, KH, KW, C_in]."""
+    n, c_in, h, w = x.shape
+    c_out, kh, kw, _ = weight_khwc.shape
+    h_out, w_out = out.shape[2:]
+    _check_image_size(x)
+    _check_image_size(out)
+    tiles = INTERPRETER_TILES | dict(GROUP_M=8) if INTERPRET else {}
+
+    def grid(meta):
+        m_tiles = triton.cdiv(n * h_out * w_out, meta["BLOCK_M"])
+        return (m_tiles * triton.cdiv(c_out, meta["BLOCK_N"]),)
+
+    _conv2d_kernel[grid](
+        x, weight_khwc, bias if bias is not None else x, out,
+        n, h, w, c_in, h_out, w_out, c_out,
+        x.stride(0), x.stride(2), x.stride(3),
+        pad_h, pad_w,
+        KH=kh, KW=kw, HAS_BIAS=bias is not None, RELU=relu,
+        INPUT_PRECISION=_input_precision(x), **tiles,
+    )  # fmt: skip
+    return out
+
+
+def forward(x, weight, bias, padding: int, relu: bool) -> torch.Tensor:
+    """relu(conv2d(x, weight, bias, padding)) as a channels_last tensor."""
+    n, _, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    out = torch.empty(
+        (n, c_out, h + 2 * padding - kh + 1, w + 2 * padding - kw + 1),
+        dtype=x.dtype, device=x.device, memory_format=torch.channels_last,
+    )  # fmt: skip
+    if out.numel() == 0:
+        return out
+    weight_khwc = weight.permute(0, 2, 3, 1).contiguous()
+    return _launch_conv(_channels_last(x), weight_khwc, bias, out, padding, padding, relu)
+
+
+def grad_input(grad, weight, input_height: int, input_width: int, padding: int) -> torch.Tensor:
+    """d(loss)/d(x) from the pre-activation gradient: a convolution with the flipped kernel."""
+    n = grad.shape[0]
+    _, c_in, kh, kw = weight.shape
+    out = torch.empty(
+        (n, c_in, input_height, input_width),
+        dtype=grad.dtype, device=grad.device, memory_format=torch.channels_last,
+    )  # fmt: skip
+    if out.numel() == 0:
+        return out
+    if grad.numel() == 0:
+        return out.zero_()
+    # flipped[ci, kh, kw, co] = weight[co, ci, KH-1-kh, KW-1-kw]
+    flipped = weight.flip(2, 3).permute(1, 2, 3, 0).contiguous()
+    return _launch_conv(
+        _channels_last(grad), flipped, None, out, kh - 1 - padding, kw - 1 - padding, False
+    )
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_count(m: int, tiles: int, device: torch.device) -> int:
+    """Reduction slices so that about four programs per multiprocessor run, each >= 1 granule."""
+    wanted = triton.cdiv(4 * _multiprocessors(device), tiles)
+    return max(1, min(wanted, triton.cdiv(m, SPLIT_GRANULE)))
+
+
+def grad_weight(grad, x, kernel_height: int, kernel_width: int, padding: int) -> torch.Tensor:
+    """d(loss)/d(weight) from the pre-activation gradient, [C_out, C_in, KH, KW] contiguous."""
+    n, c_in, h, w = x.shape
+    c_out, h_out, w_out = grad.shape[1:]
+    kh, kw = kernel_height, kernel_width
+    m = n * h_out * w_out
+    if m == 0:
+        return torch.zeros((c_out, c_in, kh, kw), dtype=grad.dtype, device=grad.device)
+    x, grad = _channels_last(x), _channels_last(grad)
+    _check_image_size(x)
+    # Tile count at 64x64 sets the split; it must not depend on the autotuned tile.
+    tiles = triton.cdiv(c_out, 64) * kh * kw * triton.cdiv(c_in, 64)
+    split = _split_count(m, tiles, x.device)
+    m_per_split = triton.cdiv(triton.cdiv(m, split), SPLIT_GRANULE) * SPLIT_GRANULE
+    split = triton.cdiv(m, m_per_split)
+    partial = torch.empty((split, c_out, kh * kw * c_in), dtype=torch.float32, device=x.device)
+    meta = INTERPRETER_TILES if INTERPRET else {}
+
+    def grid(meta):
+        c_blocks = triton.cdiv(c_in, meta["BLOCK_K"])
+        return (triton.cdiv(c_out, meta["BLOCK_N"]) * kh * kw * c_blocks, split)
+
+    _conv2d_grad_weight_kernel[grid](
+        grad, x, partial,
+        n, h, w, c_in, h_out, w_out, c_out,
+        x.stride(0), x.stride(2), x.stride(3),
+        padding, padding, m_per_split,
+        KH=kh, KW=kw, INPUT_PRECISION=_input_precision(x), **meta,
+    )  # fmt: skip
+    total = partial[0] if split == 1 else partial.sum(0)
+    return total.view(c_out, kh, kw, c_in).permute(0, 3, 1, 2).to(grad.dtype).contiguous()
+
+
+RELU_GRAD_BLOCK_M = 64
+
+
+def relu_grad(grad_out, out) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_out masked by out > 0, channels_last; its sum over N, H, W for the bias)."""
+    n, c, h, w = out.shape
+    grad_out, out = _channels_last(grad_out), _channels_last(out)
+    grad = torch.empty_like(out, memory_format=torch.channels_last)
+    m = n * h * w
+    if m == 0:
+        return grad, torch.zeros(c, dtype=out.dtype, device=out.device)
+    block_c = min(128, triton.next_power_of_2(c))
+    m_blocks = triton.cdiv(m, RELU_GRAD_BLOCK_M)
+    partial = torch.empty((m_blocks, c), dtype=torch.float32, device=out.device)
+    _relu_grad_kernel[(m_blocks, triton.cdiv(c, block_c))](
+        grad_out, out, grad, partial, m, c, BLOCK_M=RELU_GRAD_BLOCK_M, BLOCK_C=block_c
+    )
+    return grad, partial.sum(0).to(out.dtype)

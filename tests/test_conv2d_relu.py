@@ -1,0 +1,200 @@
+"""The Triton conv2d + bias + ReLU kernels against the PyTorch composite, forward and backward.
+
+CPU tier: Triton's interpreter at small, odd shapes in fp32 and fp16. GPU tier (`gpu`): the
+UNet's real shapes in every dtype, against a float64 reference.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import (
+    KERNEL_DEVICE,
+    assert_kernel_backend,
+    assert_parity,
+    poison_allocations,
+)
+
+from fastunet import ops
+from fastunet.bench.parity import relative_error
+from fastunet.bench.shapes import unet_shapes
+
+
+def conv_relu_with_grads(conv, x, weight, bias, padding, relu, grad_out):
+    """Output and (grad_x, grad_weight, grad_bias) of conv(...) then ReLU, by autograd."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight)]
+    leaves.append(None if bias is None else bias.detach().clone().requires_grad_())
+    out = conv(*leaves, padding, relu)
+    out.backward(grad_out.to(out.dtype))
+    grads = [None if t is None else t.grad for t in leaves]
+    return [out.detach(), *grads]
+
+
+def torch_conv_relu(x, weight, bias, padding, relu):
+    out = F.conv2d(x, weight, bias, padding=padding)
+    return F.relu(out) if relu else out
+
+
+def make_case(batch, c_in, c_out, h, w, kernel, bias, dtype, device, layout="contiguous"):
+    x = torch.randn(batch, c_in, h, w, device=device, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # every other column of a wider tensor
+        x = torch.randn(batch, c_in, h, 2 * w, device=device, dtype=dtype)[..., ::2]
+    scale = (c_in * kernel * kernel) ** -0.5
+    weight = torch.randn(c_out, c_in, kernel, kernel, device=device, dtype=dtype) * scale
+    b = torch.randn(c_out, device=device, dtype=dtype) if bias else None
+    return x, weight, b
+
+
+def check_against_float64(x, weight, bias, padding, relu, fp32_tolerance=1e-5):
+    """Every output of the op against float64, and for half types against PyTorch's own error."""
+    h_out = x.shape[2] + 2 * padding - weight.shape[2] + 1
+    w_out = x.shape[3] + 2 * padding - weight.shape[3] + 1
+    grad_out = torch.randn(x.shape[0], weight.shape[0], h_out, w_out, device=x.device)
+    ours = conv_relu_with_grads(ops.conv2d_relu, x, weight, bias, padding, relu, grad_out)
+    as64 = [None if t is None else t.double() for t in (x, weight, bias)]
+    truth = conv_relu_with_grads(torch_conv_relu, *as64, padding, relu, grad_out)
+    mine = conv_relu_with_grads(torch_conv_relu, x, weight, bias, padding, relu, grad_out)
+    names = ["output", "grad_input", "grad_weight", "grad_bias"]
+    for name, got, expected, torch_got in zip(names, ours, truth, mine, strict=True):
+        if expected is None:
+            assert got is None
+            continue
+        assert got.dtype == x.dtype and got.shape == expected.shape, name
+        assert not got.isnan().any(), f"{name} has NaN"
+        if x.dtype == torch.float32 and fp32_tolerance is not None:
+            assert relative_error(got, expected) <= fp32_tolerance, name
+        else:
+            assert_parity(got, torch_got, expected, name)
+    assert ours[0].is_contiguous(memory_format=torch.channels_last)
+
+
+# (batch, C_in, C_out, H, W, kernel, padding, bias, relu): channel counts off multiples of 16,
+# odd sizes, batch 1, 1x1 and 3x3 (and 2x2, 5x5), with and without bias, ReLU on and off.
+CPU_CASES = [
+    (1, 3, 5, 7, 9, 3, 1, True, True),
+    (2, 17, 19, 5, 6, 3, 1, False, True),
+    (1, 20, 33, 6, 5, 1, 0, True, False),
+    (2, 5, 7, 9, 7, 3, 0, True, True),
+    (1, 6, 4, 5, 5, 5, 2, False, False),
+    (1, 4, 3, 6, 7, 2, 1, True, True),
+    (1, 33, 2, 4, 4, 1, 0, True, False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("batch,c_in,c_out,h,w,kernel,padding,bias,relu", CPU_CASES)
+def test_conv2d_relu_small_shapes(batch, c_in, c_out, h, w, kernel, padding, bias, relu, layout,
+                                  dtype):  # fmt: skip
+    assert_kernel_backend("conv2d_relu", KERNEL_DEVICE, dtype)
+    x, weight, b = make_case(batch, c_in, c_out, h, w, kernel, bias, dtype, KERNEL_DEVICE, layout)
+    check_against_float64(x, weight, b, padding, relu)
+
+
+def test_every_output_element_is_written(monkeypatch):
+    x, weight, bias = make_case(2, 5, 6, 7, 5, 3, True, torch.float32, KERNEL_DEVICE)
+    poison_allocations(monkeypatch)
+    check_against_float64(x, weight, bias, 1, True)
+
+
+def test_expanded_grad_output_and_frozen_input():
+    """grad_output with zero strides (from .sum()), and a leaf that needs no gradient."""
+    x, weight, bias = make_case(1, 4, 6, 6, 5, 3, True, torch.float32, KERNEL_DEVICE)
+    weight.requires_grad_()
+    ops.conv2d_relu(x, weight, bias).sum().backward()
+    expected = weight.detach().clone().requires_grad_()
+    torch_conv_relu(x, expected, bias, 1, True).sum().backward()
+    assert relative_error(weight.grad, expected.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_and_inf_propagate_like_torch(value):
+    x, weight, bias = make_case(1, 3, 4, 6, 6, 3, True, torch.float32, KERNEL_DEVICE)
+    x[0, 1, 2, 3] = value
+    out, expected = ops.conv2d_relu(x, weight, bias), torch_conv_relu(x, weight, bias, 1, True)
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out.isinf(), expected.isinf())
+
+
+def test_batch_of_zero():
+    x, weight, bias = make_case(0, 3, 4, 6, 6, 3, True, torch.float32, KERNEL_DEVICE)
+    x.requires_grad_()
+    weight.requires_grad_()
+    out = ops.conv2d_relu(x, weight, bias)
+    assert out.shape == (0, 4, 6, 6)
+    out.sum().backward()
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def test_backward_is_bitwise_repeatable():
+    x, weight, bias = make_case(2, 6, 5, 9, 8, 3, True, torch.float16, KERNEL_DEVICE)
+    grad_out = torch.randn(2, 5, 9, 8, device=KERNEL_DEVICE)
+    first = conv_relu_with_grads(ops.conv2d_relu, x, weight, bias, 1, True, grad_out)
+    second = conv_relu_with_grads(ops.conv2d_relu, x, weight, bias, 1, True, grad_out)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+# GPU tier: every conv of base_channels=64, depth=4 on a 256x256 input (batch 2 keeps the float64
+# reference quick; the channel and spatial shapes are the real ones).
+GPU_SHAPES = unet_shapes(batch=2, size=256)["conv"]
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=[s.name for s in GPU_SHAPES])
+def test_conv2d_relu_unet_shapes_on_gpu(shape, dtype, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # IEEE fp32 on both sides
+    assert_kernel_backend("conv2d_relu", "cuda", dtype)
+    x, weight, bias = make_case(
+        shape.batch, shape.in_channels, shape.out_channels, shape.height, shape.width,
+        shape.kernel, True, dtype, "cuda", "channels_last",
+    )  # fmt: skip
+    poison_allocations(monkeypatch)
+    check_against_float64(x, weight, bias, shape.padding, shape.relu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["enc0.conv2", "enc3.conv2", "dec1.conv1"])
+def test_tf32_follows_cudnn_setting(name, monkeypatch):
+    """With cudnn.allow_tf32 on, fp32 uses TF32 like cuDNN: within 2x its error (+1e-4)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    shape = next(s for s in GPU_SHAPES if s.name == name)
+    x, weight, bias = make_case(
+        shape.batch, shape.in_channels, shape.out_channels, shape.height, shape.width,
+        shape.kernel, True, torch.float32, "cuda", "channels_last",
+    )  # fmt: skip
+    out = ops.conv2d_relu(x, weight, bias, shape.padding)
+    truth = torch_conv_relu(x.double(), weight.double(), bias.double(), shape.padding, True)
+    assert_parity(out, torch_conv_relu(x, weight, bias, shape.padding, True), truth, floor=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["fp32", "fp16", "bf16"])
+def test_unet_shapes_bitwise_repeatable_on_gpu(dtype):
+    for shape in GPU_SHAPES[::3]:
+        x, weight, bias = make_case(
+            shape.batch, shape.in_channels, shape.out_channels, shape.height, shape.width,
+            shape.kernel, True, dtype, "cuda", "channels_last",
+        )  # fmt: skip
+        grad_out = torch.randn(shape.batch, shape.out_channels, shape.height, shape.width,
+                               device="cuda")  # fmt: skip
+        args = (x, weight, bias, shape.padding, shape.relu, grad_out)
+        first = conv_relu_with_grads(ops.conv2d_relu, *args)
+        second = conv_relu_with_grads(ops.conv2d_relu, *args)
+        for a, b in zip(first, second, strict=True):
+            assert torch.equal(a, b), shape.name
+
+
+@pytest.mark.gpu
+def test_batch_beyond_int32_offsets_on_gpu():
+    """An activation of more than 2**31 elements: batch offsets must be int64."""
+    x = torch.randn(2**31 // (64 * 64 * 64) + 2, 64, 64, 64, device="cuda", dtype=torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(64, 64, 3, 3, device="cuda", dtype=torch.bfloat16) / 24
+    out = ops.conv2d_relu(x, weight, None)
+    tail = slice(-2, None)  # the images past the 2**31-element mark
+    expected = torch_conv_relu(x[tail].float(), weight.float(), None, 1, True)
+    assert relative_error(out[tail], expected) <= 1e-2
