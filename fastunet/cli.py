@@ -1,4 +1,4 @@
-"""The `fastunet` command: `fastunet info`, `fastunet parity`."""
+"""The `fastunet` command: `fastunet info`, `fastunet parity`, `fastunet bench`."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _info(args: argparse.Namespace) -> int:
 def _parity(args: argparse.Namespace) -> int:
     from fastunet.bench.parity import compare
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)
     result = compare(
         batch=args.batch, size=args.size, base_channels=args.base_channels, depth=args.depth,
         upsample=args.upsample, dtype=DTYPES[args.dtype], autocast=args.autocast, device=device,
@@ -40,6 +40,67 @@ def _parity(args: argparse.Namespace) -> int:
             f"{row:12} {values['output']:10.2e} {values['grad_input']:10.2e} "
             f"{values['grad_params']:11.2e}"
         )
+    return 0
+
+
+class ProgressBar:
+    """One line on stderr, redrawn in place on a terminal; one line a step elsewhere."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.done, self.enabled = total, 0, enabled
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, message: str) -> None:
+        if not self.enabled:
+            return
+        self.done = min(self.done + 1, self.total)
+        filled = 30 * self.done // self.total
+        line = f"[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {message}"
+        if self.tty:
+            print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            print(file=sys.stderr)
+
+
+def _device(name: str | None) -> torch.device:
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but CUDA is not available here")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"device {name!r}: fastunet runs on 'cpu' or 'cuda'")
+    return device
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from fastunet.bench import report, suite
+
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--plot needs matplotlib: pip install 'fastunet[plot]'") from None
+    device = _device(args.device)
+    parts = dict(include_ops=args.only != "model", include_model=args.only != "ops")
+    progress = ProgressBar(
+        suite.step_count(args.quick, args.compile_all, **parts), enabled=not args.no_progress
+    )
+    try:
+        result = suite.run(device, args.quick, args.compile_all, progress=progress, **parts)
+    finally:
+        progress.close()
+    with open(args.output, "w") as f:
+        json.dump(result, f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report.markdown_report(result))
+    if args.plot:
+        report.plot(result, args.plot)
+    print(report.text_report(result))
+    print(f"\nwrote {args.output}" + "".join(f", {p}" for p in (args.markdown, args.plot) if p))
     return 0
 
 
@@ -72,6 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--upsample", choices=["nearest", "bilinear"], default="nearest")
     parity.add_argument("--json", action="store_true")
     parity.set_defaults(run=_parity)
+
+    bench = commands.add_parser(
+        "bench", help="speed, memory and parity against the reference module (the main job)"
+    )
+    bench.add_argument("--quick", action="store_true", help="small sizes; for a CPU-only machine")
+    bench.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if any)")
+    bench.add_argument("--only", choices=["ops", "model"], default=None, help="one part only")
+    bench.add_argument(
+        "--compile-all", action="store_true",
+        help="time torch.compile(max-autotune) for every model case, not only the standard one",
+    )  # fmt: skip
+    bench.add_argument("--output", default="fastunet-bench.json", help="the JSON result")
+    bench.add_argument("--markdown", default=None, help="also write the tables as markdown")
+    bench.add_argument("--plot", default=None, help="also draw a PNG of the speedups")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.set_defaults(run=_bench)
     return parser
 
 

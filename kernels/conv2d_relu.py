@@ -80,10 +80,18 @@ def _prune_grad_weight_configs(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
+def _tuning_bench(kernel_call, quantiles):
+    # Shorter than Triton's default (25 ms warm-up, 100 ms timing) so a UNet's ~60 shapes tune
+    # in seconds; a config's time still averages dozens of launches.
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
 def _autotune(configs, key, prune):
     if INTERPRET:  # the interpreter cannot time configs; the launcher passes INTERPRETER_TILES
         return lambda kernel: kernel
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})
+    return triton.autotune(
+        configs, key=key, prune_configs_by={"early_config_prune": prune}, do_bench=_tuning_bench
+    )
 
 
 @triton.jit

@@ -23,6 +23,13 @@ def relative_error(value: torch.Tensor, truth: torch.Tensor) -> float:
     return float(diff / scale) if scale > 0 else float(diff)
 
 
+def error_ratio(error: float, torch_error: float) -> float:
+    """fastunet's error over PyTorch's own; 0 when both are exact."""
+    if torch_error > 0:
+        return error / torch_error
+    return 0.0 if error == 0 else float("inf")
+
+
 def _run(model, x, grad_out, autocast_dtype):
     x = x.clone().requires_grad_()
     model.zero_grad(set_to_none=True)
@@ -77,9 +84,7 @@ def compare(
             )
         }
     ratio = {
-        key: results["fastunet"][key] / results["reference"][key]
-        if results["reference"][key] > 0
-        else (0.0 if results["fastunet"][key] == 0 else float("inf"))
+        key: error_ratio(results["fastunet"][key], results["reference"][key])
         for key in results["fastunet"]
     }
     return {

@@ -47,36 +47,29 @@ class UpsampleShape:
     width: int
 
 
-def level_sizes(size: int, depth: int) -> list[int]:
-    sizes = [size]
-    for _ in range(depth):
-        sizes.append(sizes[-1] // 2)
-    return sizes
-
-
 def unet_shapes(
     batch: int = 16,
-    size: int = 256,
+    size: int | tuple[int, int] = 256,
     base_channels: int = 64,
     depth: int = 4,
     in_channels: int = 3,
     num_classes: int = 2,
 ) -> dict[str, list]:
-    """Every conv, pool and upsample+concat of the network on a square `size` input."""
+    """Every conv, pool and upsample+concat of the network on a `size` (H, W or square) input."""
+    height, width = (size, size) if isinstance(size, int) else size
     channels = [base_channels * 2**i for i in range(depth + 1)]
-    sizes = level_sizes(size, depth)
+    sizes = [(height >> i, width >> i) for i in range(depth + 1)]  # floor pooling
     convs, pools, upsamples = [], [], []
-    for i, (c, s) in enumerate(zip(channels, sizes, strict=True)):
+    for i, (c, (h, w)) in enumerate(zip(channels, sizes, strict=True)):
         c_in = in_channels if i == 0 else channels[i - 1]
         if i > 0:
-            pools.append(PoolShape(f"pool{i}", batch, c_in, sizes[i - 1], sizes[i - 1]))
-        convs.append(ConvShape(f"enc{i}.conv1", batch, c_in, c, s, s, 3))
-        convs.append(ConvShape(f"enc{i}.conv2", batch, c, c, s, s, 3))
+            pools.append(PoolShape(f"pool{i}", batch, c_in, *sizes[i - 1]))
+        convs.append(ConvShape(f"enc{i}.conv1", batch, c_in, c, h, w, 3))
+        convs.append(ConvShape(f"enc{i}.conv2", batch, c, c, h, w, 3))
     for i in reversed(range(depth)):
-        c, s = channels[i], sizes[i]
-        up = UpsampleShape(f"up{i}", batch, channels[i + 1], sizes[i + 1], sizes[i + 1], c, s, s)
-        upsamples.append(up)
-        convs.append(ConvShape(f"dec{i}.conv1", batch, c + channels[i + 1], c, s, s, 3))
-        convs.append(ConvShape(f"dec{i}.conv2", batch, c, c, s, s, 3))
-    convs.append(ConvShape("head", batch, channels[0], num_classes, size, size, 1, relu=False))
+        c, (h, w) = channels[i], sizes[i]
+        upsamples.append(UpsampleShape(f"up{i}", batch, channels[i + 1], *sizes[i + 1], c, h, w))
+        convs.append(ConvShape(f"dec{i}.conv1", batch, c + channels[i + 1], c, h, w, 3))
+        convs.append(ConvShape(f"dec{i}.conv2", batch, c, c, h, w, 3))
+    convs.append(ConvShape("head", batch, channels[0], num_classes, height, width, 1, relu=False))
     return {"conv": convs, "pool": pools, "upsample": upsamples}

@@ -1,0 +1,69 @@
+"""FLOPs and bytes of each op and of the whole UNet, from the shapes alone.
+
+FLOPs count the convolutions' multiply-adds x 2, as torch.utils.flop_counter does. Bytes are what
+each fastunet op must read and write at the least: every input once, every output once (the
+uint8 argmax is one byte an element). The model's bytes are the sum over its op calls; the
+tests check both counts against the real model.
+"""
+
+from __future__ import annotations
+
+from fastunet.bench.shapes import ConvShape, PoolShape, UpsampleShape, unet_shapes
+
+
+def conv_counts(s: ConvShape, element_size: int, backward: bool, input_grad: bool = True) -> dict:
+    x = s.batch * s.in_channels * s.height * s.width
+    y = s.batch * s.out_channels * s.height * s.width
+    w = s.out_channels * s.in_channels * s.kernel**2
+    b = s.out_channels
+    flops, elements = s.flops(), x + w + b + y
+    if backward:
+        grad = y  # the gradient of the pre-activation output
+        if s.relu:  # the ReLU mask and bias gradient: reads grad_out and out
+            elements += y + y + grad + b
+        if input_grad:
+            flops += s.flops()
+            elements += grad + w + x
+        flops += s.flops()
+        elements += grad + x + w
+    return {"flops": flops, "bytes": elements * element_size}
+
+
+def pool_counts(s: PoolShape, element_size: int, backward: bool) -> dict:
+    x = s.batch * s.channels * s.height * s.width
+    y = s.batch * s.channels * (s.height // 2) * (s.width // 2)
+    nbytes = (x + y) * element_size + y  # + the uint8 argmax
+    if backward:
+        nbytes += (y + x) * element_size + y
+    return {"flops": 0, "bytes": nbytes}
+
+
+def upsample_counts(s: UpsampleShape, element_size: int, backward: bool) -> dict:
+    x = s.batch * s.x_channels * s.x_height * s.x_width
+    skip = s.batch * s.skip_channels * s.height * s.width
+    up = s.batch * s.x_channels * s.height * s.width
+    elements = x + skip + (skip + up)
+    if backward:  # grad_skip is a view of grad_out; grad_x reads the upsampled channels' gradient
+        elements += up + x
+    return {"flops": 0, "bytes": elements * element_size}
+
+
+def model_counts(
+    batch: int,
+    size: int | tuple[int, int],
+    base_channels: int = 64,
+    depth: int = 4,
+    in_channels: int = 3,
+    num_classes: int = 2,
+    element_size: int = 2,
+    backward: bool = False,
+) -> dict:
+    """FLOPs and bytes of one UNet forward (and backward, without the optimizer step)."""
+    shapes = unet_shapes(batch, size, base_channels, depth, in_channels, num_classes)
+    parts = [
+        conv_counts(s, element_size, backward, input_grad=i > 0)
+        for i, s in enumerate(shapes["conv"])
+    ]
+    parts += [pool_counts(s, element_size, backward) for s in shapes["pool"]]
+    parts += [upsample_counts(s, element_size, backward) for s in shapes["upsample"]]
+    return {key: sum(p[key] for p in parts) for key in ("flops", "bytes")}

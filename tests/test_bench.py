@@ -1,0 +1,119 @@
+"""`fastunet bench` on a CPU-only machine, and the FLOP and byte counts behind its rates."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastunet import ReferenceUNet, UNet
+from fastunet.bench.counts import model_counts
+from fastunet.cli import main
+
+OP_FIELDS = {"op", "level", "shape", "dtype", "pass", "backend", "time_ms", "speedup", "flops",
+             "bytes", "tflops", "gbps", "tflops_fraction", "gbps_fraction", "parity"}  # fmt: skip
+MODEL_FIELDS = {"case", "mode", "batch", "size", "dtype", "time_ms", "speedup", "peak_memory_mb",
+                "flops", "bytes", "tflops", "gbps", "tflops_fraction", "gbps_fraction",
+                "parity", "notes"}  # fmt: skip
+GPU_FIELDS = {"peak_memory_mb", "tflops", "gbps", "tflops_fraction", "gbps_fraction"}
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory):
+    """`fastunet bench --quick` as a user runs it: a fresh process, no Triton interpreter."""
+    path = tmp_path_factory.mktemp("bench") / "result.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "fastunet.cli", "bench", "--quick", "--no-progress",
+               "--device", "cpu", "--output", str(path)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "GPU speed figures need CUDA" in done.stdout
+    return json.loads(path.read_text())
+
+
+def test_quick_bench_writes_every_field(quick_result):
+    meta = quick_result["meta"]
+    for field in ("date", "device", "device_name", "driver", "torch", "triton", "cuda",
+                  "fastunet", "backends", "ceilings"):  # fmt: skip
+        assert field in meta
+    assert meta["ceilings"]["matmul_tflops"] is None and meta["ceilings"]["reason"]
+    assert set(meta["null_fields"]) == GPU_FIELDS
+    ops = {row["op"] for row in quick_result["ops"]}
+    assert ops == {"conv2d_relu", "upsample_concat", "max_pool2d"}
+    for row in quick_result["ops"]:
+        assert set(row) >= OP_FIELDS
+        assert row["time_ms"]["fastunet"] > 0 and row["time_ms"]["eager"] > 0
+        assert row["parity"]["ratio"] <= 2, row
+        assert row["bytes"] > 0
+    assert {row["mode"] for row in quick_result["model"]} == {"inference", "training"}
+    for row in quick_result["model"]:
+        assert set(row) >= MODEL_FIELDS
+        assert set(row["time_ms"]) == {"fastunet", "eager_fp32_nchw", "eager_bf16_cl"}
+        assert row["notes"]["compile"]  # why torch.compile was not timed
+        assert all(value is None for value in row["peak_memory_mb"].values())
+        assert row["tflops"] is None and row["flops"] > 0
+        assert row["parity"]["ratio"]["output"] <= 2
+
+
+class CountBytes(TorchDispatchMode):
+    """Bytes read and written by every fastunet op call."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.namespace == "fastunet":
+            outs = out if isinstance(out, tuple) else (out,)
+            tensors = [a for a in args if isinstance(a, torch.Tensor)] + list(outs)
+            self.total += sum(t.numel() * t.element_size() for t in tensors)
+        return out
+
+
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("size,depth", [((16, 16), 2), ((17, 24), 3)])
+def test_counts_match_the_model(torch_backend, size, depth, backward):
+    x = torch.randn(2, 3, *size)
+    reference = ReferenceUNet(3, 2, 4, depth)
+    with FlopCounterMode(display=False) as flops:
+        out = reference(x)
+        if backward:
+            out.backward(torch.randn_like(out))
+    fast = UNet.from_reference(reference)
+    with CountBytes() as nbytes:
+        out = fast(x)
+        if backward:
+            out.backward(torch.randn_like(out))
+    expected = model_counts(2, size, 4, depth, element_size=4, backward=backward)
+    assert expected == {"flops": flops.get_total_flops(), "bytes": nbytes.total}
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["bench", "--device", "cuda:0"], "CUDA is not available"),
+        (["bench", "--device", "mps"], "fastunet runs on 'cpu' or 'cuda'"),
+    ],
+)
+def test_bench_argument_errors(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_is_a_clear_error(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    assert main(["bench", "--quick", "--plot", "out.png"]) == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["bench", "--only", "everything"], ["bench", "--bogus"]])
+def test_bench_usage_errors_exit_2(argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
