@@ -1,0 +1,111 @@
+"""Compile fastunet's Triton kernels for NVIDIA targets without a GPU, and report each build.
+
+The interpreter runs the kernels' logic on CPU tensors but compiles nothing, so a kernel that
+cannot be lowered for a GPU (a type error, an unsupported op, a tile that overflows shared
+memory) would pass CI. Triton compiles offline for a named target: this script does so with the
+specialisations a real launch would get (16-divisible sizes and aligned pointers) and prints one
+JSON line per build. Run it without TRITON_INTERPRET: tests/test_gpu_compile.py does.
+"""
+
+import json
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fastunet.kernels import conv2d_relu
+
+
+def jit_function(kernel):
+    while not isinstance(kernel, triton.runtime.jit.JITFunction):
+        kernel = kernel.fn  # through @triton.autotune
+    return kernel
+
+
+def compile_for(kernel, args: dict, constexprs: dict, config, capability: int):
+    """args: pointer arguments as their element type ("bf16"), integers as sample values."""
+    fn = jit_function(kernel)
+    constexprs = {**constexprs, **config.kwargs}
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        value = args.get(name)
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif isinstance(value, str):
+            signature[name] = "*" + value
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif value == 1:  # Triton turns an integer argument equal to 1 into a constant
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+    ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
+    return {
+        "kernel": fn.__name__,
+        "capability": capability,
+        "config": {**config.kwargs, "warps": config.num_warps, "stages": config.num_stages},
+        "shared_bytes": compiled.metadata.shared,
+        "wgmma": ptx.count("wgmma.mma_async"),
+        "mma_sync": ptx.count("mma.sync"),
+        "async_copies": ttgir.count("async_copy_global_to_local"),
+    }
+
+
+def conv_builds():
+    n, h, w, c_in, c_out = 16, 64, 64, 128, 128
+    tensors = ("x_ptr", "w_ptr", "bias_ptr", "out_ptr")
+    strides = dict(stride_xn=h * w * c_in, stride_xh=w * c_in, stride_xw=c_in)
+    sizes = dict(
+        N=n, H=h, W=w, C_IN=c_in, H_OUT=h, W_OUT=w, C_OUT=c_out, PAD_H=1, PAD_W=1, **strides
+    )
+    for dtype, precision, size in (("bf16", "ieee", 2), ("fp16", "ieee", 2), ("fp32", "tf32", 4)):
+        args = {**sizes, **dict.fromkeys(tensors, dtype)}
+        named = {"x_ptr": _Sized(size), "C_IN": c_in, "C_OUT": c_out}
+        for config in conv2d_relu._prune_gemm_configs(conv2d_relu.GEMM_CONFIGS, named):
+            constexprs = dict(KH=3, KW=3, HAS_BIAS=True, RELU=True, INPUT_PRECISION=precision)
+            yield conv2d_relu._conv2d_kernel, args, constexprs, config, 90
+    grad_args = {**sizes, "grad_ptr": "bf16", "x_ptr": "bf16", "partial_ptr": "fp32",
+                 "M_PER_SPLIT": 4096}  # fmt: skip
+    named = {"x_ptr": _Sized(2), "C_IN": c_in, "C_OUT": c_out}
+    for config in conv2d_relu._prune_grad_weight_configs(conv2d_relu.GRAD_WEIGHT_CONFIGS, named):
+        constexprs = dict(KH=3, KW=3, INPUT_PRECISION="ieee")
+        yield conv2d_relu._conv2d_grad_weight_kernel, grad_args, constexprs, config, 90
+    first = conv2d_relu.GEMM_CONFIGS[0]
+    args = {**sizes, **dict.fromkeys(tensors, "bf16")}
+    constexprs = dict(KH=1, KW=1, HAS_BIAS=False, RELU=False, INPUT_PRECISION="ieee")
+    yield conv2d_relu._conv2d_kernel, args, constexprs, first, 80  # Ampere: mma.sync
+    relu_args = dict(grad_out_ptr="bf16", out_ptr="bf16", grad_ptr="bf16",
+                     bias_partial_ptr="fp32", M=n * h * w, C=c_out)  # fmt: skip
+    relu_config = triton.Config({}, num_warps=4, num_stages=1)
+    relu_constexprs = dict(BLOCK_M=conv2d_relu.RELU_GRAD_BLOCK_M, BLOCK_C=128)
+    yield conv2d_relu._relu_grad_kernel, relu_args, relu_constexprs, relu_config, 90
+
+
+class _Sized:
+    """Stands in for a tensor argument where the prune functions read element_size()."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def element_size(self):
+        return self.size
+
+
+def main() -> int:
+    for kernel, args, constexprs, config, capability in conv_builds():
+        print(json.dumps(compile_for(kernel, args, constexprs, config, capability)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
