@@ -3,6 +3,9 @@
 Modes "nearest" (PyTorch's index rule) and "bilinear" (align_corners False or True). The output is
 channels_last. grad_skip is the matching channel slice of grad_output; grad_x, the adjoint of the
 upsample, is its own op so that the kernel behind it can gather deterministically.
+
+Backends: the Triton kernels of `fastunet.kernels.upsample_concat` where `choose` says so (CUDA
+tensors, and CPU tensors under TRITON_INTERPRET=1), else a torch composite.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastunet.ops._backend import choose
 from fastunet.ops._common import (
     CHANNELS_LAST,
     autocast_to_widest,
@@ -52,8 +56,11 @@ def upsample_concat(
     x: Tensor, skip: Tensor, mode: str = "nearest", align_corners: bool = False
 ) -> Tensor:
     """Upsample x to skip's H, W and concatenate [skip, upsampled] on channels, channels_last."""
-    shape = _check(x, skip, mode)
-    out = empty_channels_last(shape, skip)
+    out = empty_channels_last(_check(x, skip, mode), skip)
+    if choose(OP, x.device, x.dtype).is_triton:
+        from fastunet.kernels.upsample_concat import upsample_concat_forward
+
+        return upsample_concat_forward(x, skip, mode, align_corners, out)
     c_skip = skip.shape[1]
     out[:, :c_skip] = skip
     out[:, c_skip:] = _interpolate(x, skip.shape[-2:], mode, align_corners)
@@ -71,6 +78,12 @@ def upsample_grad(
 ) -> Tensor:
     """The adjoint of the upsample: d(loss)/d(x) from the gradient of the upsampled channels."""
     x_shape = (grad_up.shape[0], grad_up.shape[1], input_height, input_width)
+    if choose(OP, grad_up.device, grad_up.dtype).is_triton:
+        from fastunet.kernels.upsample_concat import upsample_backward
+
+        return upsample_backward(
+            grad_up, mode, align_corners, empty_channels_last(x_shape, grad_up)
+        )
     dtype = grad_up.dtype
     compute_dtype = torch.float64 if grad_up.dtype == torch.float64 else torch.float32
     grad_up = grad_up.to(compute_dtype)
