@@ -161,6 +161,12 @@ def _upsample_concat_forward_kernel(
 
 
 @triton.jit
+def _read_term(reads, weight, grad):
+    # Only the reads that happened: a 0 weight times an Inf gradient would add a NaN.
+    return tl.where(reads[:, None], weight[:, None] * grad, 0.0)
+
+
+@triton.jit
 def _upsample_backward_kernel(
     grad_up_ptr, grad_x_ptr,
     row_src0_ptr, row_src1_ptr, row_lambda0_ptr, row_lambda1_ptr, row_first_ptr, row_count_ptr,
@@ -168,7 +174,7 @@ def _upsample_backward_kernel(
     num_pixels, in_height, in_width, channels, max_rows, max_cols,
     grad_up_stride_n, grad_up_stride_c, grad_up_stride_h, grad_up_stride_w,
     grad_x_stride_n, grad_x_stride_c, grad_x_stride_h, grad_x_stride_w,
-    BLOCK_PIXELS: tl.constexpr, BLOCK_CHANNELS: tl.constexpr,
+    NEAREST: tl.constexpr, BLOCK_PIXELS: tl.constexpr, BLOCK_CHANNELS: tl.constexpr,
 ):  # fmt: skip
     # One program: BLOCK_PIXELS input pixels x BLOCK_CHANNELS channels of grad_x.
     num_channel_blocks = tl.cdiv(channels, BLOCK_CHANNELS)
@@ -192,39 +198,38 @@ def _upsample_backward_kernel(
     first_col = tl.load(col_first_ptr + iw, mask=pixel_mask, other=0)
     col_count = tl.load(col_count_ptr + iw, mask=pixel_mask, other=0)
 
-    # Each term is (row weight * column weight) * grad, as in PyTorch's scatter; the terms are
-    # summed in row-major order of the output, the same order on every run.
+    # PyTorch's scatter adds, for each output position and each of its (up to four) reads of an
+    # input element, (row lambda * column lambda) * grad; for nearest, grad itself. The gather
+    # adds the same terms, in row-major order of the output: the same order on every run.
     acc = tl.zeros((BLOCK_PIXELS, BLOCK_CHANNELS), dtype=tl.float32)
     for i in range(0, max_rows):
         row_valid = pixel_mask & (i < row_count)
         oh = (first_row + i).to(tl.int64)
-        row_weight = tl.where(
-            tl.load(row_src0_ptr + oh, mask=row_valid, other=-1) == ih,
-            tl.load(row_lambda0_ptr + oh, mask=row_valid, other=0),
-            0.0,
-        ) + tl.where(
-            tl.load(row_src1_ptr + oh, mask=row_valid, other=-1) == ih,
-            tl.load(row_lambda1_ptr + oh, mask=row_valid, other=0),
-            0.0,
-        )
+        if not NEAREST:
+            row_reads0 = tl.load(row_src0_ptr + oh, mask=row_valid, other=-1) == ih
+            row_reads1 = tl.load(row_src1_ptr + oh, mask=row_valid, other=-1) == ih
+            row_lambda0 = tl.load(row_lambda0_ptr + oh, mask=row_valid, other=0)
+            row_lambda1 = tl.load(row_lambda1_ptr + oh, mask=row_valid, other=0)
         for j in range(0, max_cols):
             valid = row_valid & (j < col_count)
             ow = (first_col + j).to(tl.int64)
-            col_weight = tl.where(
-                tl.load(col_src0_ptr + ow, mask=valid, other=-1) == iw,
-                tl.load(col_lambda0_ptr + ow, mask=valid, other=0),
-                0.0,
-            ) + tl.where(
-                tl.load(col_src1_ptr + ow, mask=valid, other=-1) == iw,
-                tl.load(col_lambda1_ptr + ow, mask=valid, other=0),
-                0.0,
-            )
             grad = tl.load(
                 grad_image + (oh * grad_up_stride_h + ow * grad_up_stride_w)[:, None],
                 mask=valid[:, None] & channel_mask[None, :],
                 other=0.0,
-            )
-            acc += (row_weight * col_weight)[:, None] * grad.to(tl.float32)
+            ).to(tl.float32)
+            if NEAREST:
+                # The range holds exactly the outputs that copied this input element.
+                acc += grad
+            else:
+                col_reads0 = tl.load(col_src0_ptr + ow, mask=valid, other=-1) == iw
+                col_reads1 = tl.load(col_src1_ptr + ow, mask=valid, other=-1) == iw
+                col_lambda0 = tl.load(col_lambda0_ptr + ow, mask=valid, other=0)
+                col_lambda1 = tl.load(col_lambda1_ptr + ow, mask=valid, other=0)
+                acc += _read_term(row_reads0 & col_reads0, row_lambda0 * col_lambda0, grad)
+                acc += _read_term(row_reads0 & col_reads1, row_lambda0 * col_lambda1, grad)
+                acc += _read_term(row_reads1 & col_reads0, row_lambda1 * col_lambda0, grad)
+                acc += _read_term(row_reads1 & col_reads1, row_lambda1 * col_lambda1, grad)
 
     grad_x_pixel = grad_x_ptr + n * grad_x_stride_n + ih * grad_x_stride_h + iw * grad_x_stride_w
     tl.store(
@@ -299,6 +304,7 @@ def upsample_backward(
         cols.src0, cols.src1, cols.lambda0, cols.lambda1, cols.first, cols.count,
         num_pixels, in_height, in_width, channels, rows.max_count, cols.max_count,
         *grad_up.stride(), *out.stride(),
-        BLOCK_PIXELS=block_pixels, BLOCK_CHANNELS=block_channels, num_warps=NUM_WARPS,
+        NEAREST=mode == "nearest", BLOCK_PIXELS=block_pixels, BLOCK_CHANNELS=block_channels,
+        num_warps=NUM_WARPS,
     )  # fmt: skip
     return out
