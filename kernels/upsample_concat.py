@@ -65,8 +65,10 @@ def axis_tables(
             scale = _fp32(in_size - 1) / _fp32(out_size - 1) if out_size > 1 else _fp32(0)
             src = scale * dst
         else:
+            # PyTorch's compiled kernels fuse this multiply-add (one rounding). float64 holds the
+            # exact result for fp32 operands, so rounding it once to fp32 gives the same bits.
             scale = _fp32(in_size) / _fp32(out_size)
-            src = (scale * (dst + 0.5) - 0.5).clamp_(min=0)
+            src = (scale.double() * (dst + 0.5).double() - 0.5).float().clamp_(min=0)
         src0 = torch.floor(src).to(torch.int32)
         src1 = src0 + (src0 < in_size - 1).to(torch.int32)
         lambda1 = src - src0
