@@ -212,6 +212,22 @@ def test_batch_of_zero_launches_nothing(monkeypatch, mode, align_corners):
     assert grad_skip.shape == skip.shape
 
 
+@pytest.mark.parametrize(
+    "x_shape,skip_shape,match",
+    [
+        ((2, 0, 3, 4), (2, 3, 7, 9), "x has no channels or an empty spatial size"),
+        ((2, 5, 3, 0), (2, 3, 7, 9), "x has no channels or an empty spatial size"),
+        ((2, 5, 3, 4), (2, 3, 0, 9), "skip has an empty spatial size"),
+    ],
+)
+def test_empty_x_or_output_size_is_an_error_as_in_pytorch(x_shape, skip_shape, match):
+    x, skip, _ = random_case(x_shape, skip_shape, torch.float32)
+    with pytest.raises(RuntimeError):
+        pytorch_upsample_concat(x, skip, "nearest", False)
+    with pytest.raises(ValueError, match=match):
+        upsample_concat(x, skip, "nearest", False)
+
+
 def pytorch_axis_weights(in_size, out_size, mode, align_corners, device):
     """[in, out]: the weight PyTorch gives input row i in output row o, read off one-hot rows."""
     one_hot_rows = torch.eye(in_size, device=device).view(in_size, 1, in_size, 1)

@@ -39,8 +39,13 @@ def _check(x: Tensor, skip: Tensor, mode: str) -> tuple[int, ...]:
             f"{OP}: x has batch {x.shape[0]} (shape {tuple(x.shape)}) but skip has batch "
             f"{skip.shape[0]} (shape {tuple(skip.shape)})"
         )
-    if x.shape[0] > 0 and (x.shape[2] == 0 or x.shape[3] == 0):
-        raise ValueError(f"{OP}: x has an empty spatial size, shape {tuple(x.shape)}")
+    # F.interpolate needs a non-empty x and output size; every backend says so the same way.
+    if x.shape[0] > 0 and 0 in x.shape[1:]:
+        raise ValueError(
+            f"{OP}: x has no channels or an empty spatial size, shape {tuple(x.shape)}"
+        )
+    if skip.shape[0] > 0 and 0 in skip.shape[2:]:
+        raise ValueError(f"{OP}: skip has an empty spatial size, shape {tuple(skip.shape)}")
     n, c_skip, h, w = skip.shape
     return n, c_skip + x.shape[1], h, w
 
