@@ -76,21 +76,15 @@ def axis_tables(
     # src0 and src1 never decrease along the axis and differ by at most 1, so the outputs that
     # read input i (src0 == i or src1 == i) are those with src1 >= i and src0 <= i: a range.
     inputs = torch.arange(in_size, dtype=torch.int32)
-    first = torch.searchsorted(src1, inputs, side="left")
-    count = torch.searchsorted(src0, inputs, side="right") - first
-    return AxisTables(
-        *(t.to(device=device, dtype=dtype) for t, dtype in (
-            (src0, torch.int32), (src1, torch.int32),
-            (lambda0, torch.float32), (lambda1, torch.float32),
-            (first, torch.int32), (count, torch.int32),
-        )),
-        max_count=int(count.max()),
-    )  # fmt: skip
+    first = torch.searchsorted(src1, inputs, side="left", out_int32=True)
+    count = torch.searchsorted(src0, inputs, side="right", out_int32=True) - first
+    tables = (src0, src1, lambda0, lambda1, first, count)
+    return AxisTables(*(t.to(device) for t in tables), max_count=int(count.max()))
 
 
 def _block_sizes(channels: int) -> tuple[int, int]:
     """(pixels, channels) per program: channels as wide as they go, pixels to fill the rest."""
-    block_channels = min(triton.next_power_of_2(max(channels, 1)), MAX_BLOCK_CHANNELS)
+    block_channels = min(triton.next_power_of_2(channels), MAX_BLOCK_CHANNELS)
     return ELEMENTS_PER_PROGRAM // block_channels, block_channels
 
 
