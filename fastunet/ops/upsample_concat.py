@@ -3,6 +3,9 @@
 Modes "nearest" (PyTorch's index rule) and "bilinear" (align_corners False or True). The output is
 channels_last. grad_skip is the matching channel slice of grad_output; grad_x, the adjoint of the
 upsample, is its own op so that the kernel behind it can gather deterministically.
+
+Backends: the Triton kernels of `fastunet.kernels.upsample_concat` where `choose` says so (CUDA
+tensors, and CPU tensors under TRITON_INTERPRET=1), else a torch composite.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastunet.ops._backend import choose
 from fastunet.ops._common import (
     CHANNELS_LAST,
     autocast_to_widest,
@@ -35,8 +39,13 @@ def _check(x: Tensor, skip: Tensor, mode: str) -> tuple[int, ...]:
             f"{OP}: x has batch {x.shape[0]} (shape {tuple(x.shape)}) but skip has batch "
             f"{skip.shape[0]} (shape {tuple(skip.shape)})"
         )
-    if x.shape[0] > 0 and (x.shape[2] == 0 or x.shape[3] == 0):
-        raise ValueError(f"{OP}: x has an empty spatial size, shape {tuple(x.shape)}")
+    # F.interpolate needs a non-empty x and output size; every backend says so the same way.
+    if x.shape[0] > 0 and 0 in x.shape[1:]:
+        raise ValueError(
+            f"{OP}: x has no channels or an empty spatial size, shape {tuple(x.shape)}"
+        )
+    if skip.shape[0] > 0 and 0 in skip.shape[2:]:
+        raise ValueError(f"{OP}: skip has an empty spatial size, shape {tuple(skip.shape)}")
     n, c_skip, h, w = skip.shape
     return n, c_skip + x.shape[1], h, w
 
@@ -52,8 +61,11 @@ def upsample_concat(
     x: Tensor, skip: Tensor, mode: str = "nearest", align_corners: bool = False
 ) -> Tensor:
     """Upsample x to skip's H, W and concatenate [skip, upsampled] on channels, channels_last."""
-    shape = _check(x, skip, mode)
-    out = empty_channels_last(shape, skip)
+    out = empty_channels_last(_check(x, skip, mode), skip)
+    if choose(OP, x.device, x.dtype).is_triton:
+        from fastunet.kernels.upsample_concat import upsample_concat_forward
+
+        return upsample_concat_forward(x, skip, mode, align_corners, out)
     c_skip = skip.shape[1]
     out[:, :c_skip] = skip
     out[:, c_skip:] = _interpolate(x, skip.shape[-2:], mode, align_corners)
@@ -71,6 +83,12 @@ def upsample_grad(
 ) -> Tensor:
     """The adjoint of the upsample: d(loss)/d(x) from the gradient of the upsampled channels."""
     x_shape = (grad_up.shape[0], grad_up.shape[1], input_height, input_width)
+    if choose(OP, grad_up.device, grad_up.dtype).is_triton:
+        from fastunet.kernels.upsample_concat import upsample_backward
+
+        return upsample_backward(
+            grad_up, mode, align_corners, empty_channels_last(x_shape, grad_up)
+        )
     dtype = grad_up.dtype
     compute_dtype = torch.float64 if grad_up.dtype == torch.float64 else torch.float32
     grad_up = grad_up.to(compute_dtype)
