@@ -18,7 +18,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastunet.kernels import conv2d_relu
+from fastunet.kernels import conv2d_relu, upsample_concat
 
 
 def jit_function(kernel):
@@ -37,7 +37,7 @@ def compile_for(kernel, args: dict, constexprs: dict, config, capability: int):
         if name in constexprs:
             signature[name] = "constexpr"
         elif isinstance(value, str):
-            signature[name] = "*" + value
+            signature[name] = ("*" + value) if name.endswith("_ptr") else value
             attrs[(index,)] = [["tt.divisibility", 16]]
         elif value == 1:  # Triton turns an integer argument equal to 1 into a constant
             signature[name] = "constexpr"
@@ -58,6 +58,8 @@ def compile_for(kernel, args: dict, constexprs: dict, config, capability: int):
         "wgmma": ptx.count("wgmma.mma_async"),
         "mma_sync": ptx.count("mma.sync"),
         "async_copies": ttgir.count("async_copy_global_to_local"),
+        "wide_loads": ptx.count("ld.global.v4") + ptx.count("ld.global.nc.v4"),
+        "wide_stores": ptx.count("st.global.v4"),
     }
 
 
@@ -91,6 +93,36 @@ def conv_builds():
     yield conv2d_relu._relu_grad_kernel, relu_args, relu_constexprs, relu_config, 90
 
 
+def upsample_builds():
+    n, c, h, w = 16, 128, 128, 128  # x: 2c at h/2 -> skip: c at h, channels_last
+    block_pixels, block_channels = upsample_concat._block_sizes(2 * c)
+    config = triton.Config({}, num_warps=upsample_concat.NUM_WARPS, num_stages=1)
+    tables = [f"{axis}_{name}_ptr" for axis in ("row", "col")
+              for name in ("src0", "src1", "lambda0", "lambda1", "first", "count")]  # fmt: skip
+    table_types = {name: "fp32" if "lambda" in name else "i32" for name in tables}
+
+    def strides(prefix, channels, height, width):
+        names = [f"{prefix}_stride_{axis}" for axis in ("n", "c", "h", "w")]
+        return dict(zip(names, (height * width * channels, 1, width * channels, channels),
+                        strict=True))  # fmt: skip
+
+    for dtype in ("bf16", "fp32"):
+        for nearest in (True, False):
+            constexprs = dict(NEAREST=nearest, BLOCK_PIXELS=block_pixels,
+                              BLOCK_CHANNELS=block_channels)  # fmt: skip
+            forward = dict(x_ptr=dtype, skip_ptr=dtype, out_ptr=dtype, **table_types,
+                           num_pixels=n * h * w, out_height=h, out_width=w, skip_channels=c,
+                           x_channels=2 * c, **strides("x", 2 * c, h // 2, w // 2),
+                           **strides("skip", c, h, w), **strides("out", 3 * c, h, w))  # fmt: skip
+            yield upsample_concat._upsample_concat_forward_kernel, forward, constexprs, config, 90
+            backward = dict(grad_up_ptr=dtype, grad_x_ptr=dtype, **table_types,
+                            num_pixels=n * h * w // 4, in_height=h // 2, in_width=w // 2,
+                            channels=2 * c, max_rows=4, max_cols=4,
+                            **strides("grad_up", 3 * c, h, w),
+                            **strides("grad_x", 2 * c, h // 2, w // 2))  # fmt: skip
+            yield upsample_concat._upsample_backward_kernel, backward, constexprs, config, 90
+
+
 class _Sized:
     """Stands in for a tensor argument where the prune functions read element_size()."""
 
@@ -102,7 +134,7 @@ class _Sized:
 
 
 def main() -> int:
-    for kernel, args, constexprs, config, capability in conv_builds():
+    for kernel, args, constexprs, config, capability in (*conv_builds(), *upsample_builds()):
         print(json.dumps(compile_for(kernel, args, constexprs, config, capability)), flush=True)
     return 0
 
