@@ -89,6 +89,17 @@ def _block_sizes(channels: int) -> tuple[int, int]:
 
 
 @triton.jit
+def _pixel_block(pixel_block, num_pixels, height, width, BLOCK_PIXELS: tl.constexpr):
+    """The mask and (n, h, w) of this block's pixels, in int64: offsets of tensors with more
+    than 2**31 elements."""
+    pixels = pixel_block.to(tl.int64) * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
+    w = pixels % width
+    h = (pixels // width) % height
+    n = pixels // width // height
+    return pixels < num_pixels, n, h, w
+
+
+@triton.jit
 def _upsample_concat_forward_kernel(
     x_ptr, skip_ptr, out_ptr,
     row_src0_ptr, row_src1_ptr, row_lambda0_ptr, row_lambda1_ptr,
@@ -108,12 +119,9 @@ def _upsample_concat_forward_kernel(
     pixel_block = pid // num_channel_blocks
     channel_block = pid % num_channel_blocks
 
-    # int64 from here: offsets of tensors with more than 2**31 elements.
-    pixels = pixel_block.to(tl.int64) * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
-    pixel_mask = pixels < num_pixels
-    ow = pixels % out_width
-    oh = (pixels // out_width) % out_height
-    n = pixels // out_width // out_height
+    pixel_mask, n, oh, ow = _pixel_block(
+        pixel_block, num_pixels, out_height, out_width, BLOCK_PIXELS
+    )
     out_pixel = out_ptr + n * out_stride_n + oh * out_stride_h + ow * out_stride_w
 
     if channel_block < num_skip_blocks:
@@ -178,11 +186,7 @@ def _upsample_backward_kernel(
     pixel_block = pid // num_channel_blocks
     channel_block = pid % num_channel_blocks
 
-    pixels = pixel_block.to(tl.int64) * BLOCK_PIXELS + tl.arange(0, BLOCK_PIXELS)
-    pixel_mask = pixels < num_pixels
-    iw = pixels % in_width
-    ih = (pixels // in_width) % in_height
-    n = pixels // in_width // in_height
+    pixel_mask, n, ih, iw = _pixel_block(pixel_block, num_pixels, in_height, in_width, BLOCK_PIXELS)
     channel_index = channel_block.to(tl.int64) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
     channel_mask = channel_index < channels
     grad_image = (
