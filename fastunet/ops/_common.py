@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -52,6 +53,11 @@ def empty_channels_last(
     return torch.empty(
         shape, dtype=dtype or like.dtype, device=like.device, memory_format=CHANNELS_LAST
     )
+
+
+def kernel_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device and stream: make that device t's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _cast_floating(args: tuple, device_type: str, dtype: torch.dtype) -> tuple:

@@ -18,6 +18,7 @@ from fastunet.ops._common import (
     check_floating,
     check_same_device_and_dtype,
     empty_channels_last,
+    kernel_device,
 )
 
 OP = "conv2d_relu"
@@ -79,7 +80,8 @@ def conv2d_relu(
     """Convolution (stride 1) + bias + ReLU in one op; returns a channels_last tensor."""
     _check(x, weight, bias, padding)
     if kernels := _triton_kernels(x):
-        return kernels.forward(x, weight, bias, padding, relu)
+        with kernel_device(x):
+            return kernels.forward(x, weight, bias, padding, relu)
     out = F.conv2d(_upcast(x), _upcast(weight), _upcast(bias), padding=padding)
     if relu:
         out = torch.relu(out)
@@ -95,7 +97,8 @@ def _(x, weight, bias=None, padding=1, relu=True):
 def conv2d_relu_grad_output(grad_out: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
     """The gradient through the ReLU (zero where out <= 0) and its sum over N, H, W (grad_bias)."""
     if kernels := _triton_kernels(out):
-        return kernels.relu_grad(grad_out, out)
+        with kernel_device(out):
+            return kernels.relu_grad(grad_out, out)
     grad = torch.where(out > 0, grad_out, 0).contiguous(memory_format=CHANNELS_LAST)
     return grad, grad.sum((0, 2, 3), dtype=torch.float32).to(grad.dtype)
 
@@ -111,7 +114,8 @@ def conv2d_grad_input(
 ) -> Tensor:
     """d(loss)/d(x) of the convolution, given the gradient of its pre-activation output."""
     if kernels := _triton_kernels(grad):
-        return kernels.grad_input(grad, weight, input_height, input_width, padding)
+        with kernel_device(grad):
+            return kernels.grad_input(grad, weight, input_height, input_width, padding)
     n, c_in = grad.shape[0], weight.shape[1]
     grad_x = torch.nn.grad.conv2d_input(
         (n, c_in, input_height, input_width), _upcast(weight), _upcast(grad), padding=padding
@@ -130,7 +134,8 @@ def conv2d_grad_weight(
 ) -> Tensor:
     """d(loss)/d(weight) of the convolution, given the gradient of its pre-activation output."""
     if kernels := _triton_kernels(grad):
-        return kernels.grad_weight(grad, x, kernel_height, kernel_width, padding)
+        with kernel_device(grad):
+            return kernels.grad_weight(grad, x, kernel_height, kernel_width, padding)
     weight_shape = (grad.shape[1], x.shape[1], kernel_height, kernel_width)
     grad_w = torch.nn.grad.conv2d_weight(_upcast(x), weight_shape, _upcast(grad), padding=padding)
     return grad_w.to(grad.dtype).contiguous()

@@ -21,6 +21,7 @@ from fastunet.ops._common import (
     check_activation,
     check_same_device_and_dtype,
     empty_channels_last,
+    kernel_device,
 )
 
 OP = "upsample_concat"
@@ -65,7 +66,8 @@ def upsample_concat(
     if choose(OP, x.device, x.dtype).is_triton:
         from fastunet.kernels.upsample_concat import upsample_concat_forward
 
-        return upsample_concat_forward(x, skip, mode, align_corners, out)
+        with kernel_device(x):
+            return upsample_concat_forward(x, skip, mode, align_corners, out)
     c_skip = skip.shape[1]
     out[:, :c_skip] = skip
     out[:, c_skip:] = _interpolate(x, skip.shape[-2:], mode, align_corners)
@@ -86,9 +88,10 @@ def upsample_grad(
     if choose(OP, grad_up.device, grad_up.dtype).is_triton:
         from fastunet.kernels.upsample_concat import upsample_backward
 
-        return upsample_backward(
-            grad_up, mode, align_corners, empty_channels_last(x_shape, grad_up)
-        )
+        with kernel_device(grad_up):
+            return upsample_backward(
+                grad_up, mode, align_corners, empty_channels_last(x_shape, grad_up)
+            )
     dtype = grad_up.dtype
     compute_dtype = torch.float64 if grad_up.dtype == torch.float64 else torch.float32
     grad_up = grad_up.to(compute_dtype)
