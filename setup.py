@@ -3,7 +3,7 @@
 Environment:
     FASTUNET_CUDA        unset: CUDA when nvcc is found; 0: no CUDA; 1: a missing nvcc is an error
     FASTUNET_CUDA_ARCHS  SASS targets, e.g. "75;80;86;89;90" (the default); PTX for the newest
-    CUDA_HOME, CUDA_PATH where the CUDA toolkit is (else nvcc on PATH, else /usr/local/cuda)
+    CUDA_HOME, CUDA_PATH the CUDA toolkit (else the one of the nvcc on PATH)
     MAX_JOBS             parallel compile jobs (default: all cores)
 
 No torch at build time: the module binds raw pointers, so it needs only pybind11, and one build
@@ -39,34 +39,35 @@ def cuda_wanted() -> bool | None:
 
 
 def find_cuda() -> tuple[str, str] | str:
-    """(nvcc, directory of libcudart_static.a), or why CUDA cannot be built."""
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    on_path = shutil.which("nvcc")
-    if on_path:
+    """(nvcc, directory of libcudart_static.a) from CUDA_HOME, CUDA_PATH or the nvcc on PATH;
+    else why CUDA cannot be built."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        where, homes = f"CUDA_HOME or CUDA_PATH is {home}", [home]
+    else:
+        nvcc = shutil.which("nvcc")
+        if nvcc is None:
+            return "nvcc was not found at build time (CUDA_HOME, CUDA_PATH, PATH)"
         # nvcc on PATH may be a symlink or a wrapper script, so /usr/local/cuda is tried too.
-        homes.append(os.path.dirname(os.path.dirname(os.path.realpath(on_path))))
-    homes.append("/usr/local/cuda")
-    for home in filter(None, homes):
+        where = f"nvcc on PATH is {nvcc}"
+        homes = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+    for home in homes:
         nvcc = os.path.join(home, "bin", "nvcc")
         for lib in ("lib64", "lib", "targets/x86_64-linux/lib"):
-            if os.path.isfile(nvcc) and os.path.isfile(
-                os.path.join(home, lib, "libcudart_static.a")
-            ):
-                return nvcc, os.path.join(home, lib)
-    if on_path:
-        return f"nvcc is at {on_path}, but no CUDA toolkit with libcudart_static.a (set CUDA_HOME)"
-    return "nvcc was not found at build time (CUDA_HOME, CUDA_PATH, PATH)"
+            runtime = os.path.join(home, lib)
+            if os.path.isfile(nvcc) and os.path.isfile(os.path.join(runtime, "libcudart_static.a")):
+                return nvcc, runtime
+    return f"{where}, but no CUDA toolkit with bin/nvcc and libcudart_static.a is there"
 
 
 def cuda_archs() -> list[int]:
     """FASTUNET_CUDA_ARCHS as numbers: "75;8.0, sm_86" -> [75, 80, 86]."""
     archs = set()
-    for word in re.split(r"[;,\s]+", os.environ.get("FASTUNET_CUDA_ARCHS") or DEFAULT_ARCHS):
+    for word in re.findall(r"[^;,\s]+", os.environ.get("FASTUNET_CUDA_ARCHS") or DEFAULT_ARCHS):
         number = word.removeprefix("sm_").replace(".", "")
-        if word and not number.isdigit():
+        if not number.isdigit():
             raise SystemExit(f"FASTUNET_CUDA_ARCHS: {word!r} is not an arch like 86, 8.6 or sm_86")
-        if word:
-            archs.add(int(number))
+        archs.add(int(number))
     if not archs:
         raise SystemExit("FASTUNET_CUDA_ARCHS names no arch")
     return sorted(archs)
@@ -85,6 +86,12 @@ def c_string(text: str) -> str:
 class BuildExt(build_ext):
     """Compiles the .cu sources with nvcc (when CUDA is built), then the C++ sources in
     parallel, and links them all into one module."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        # The module depends on FASTUNET_* and the toolkit, which the up-to-date check of a
+        # left-over build/ does not see: always build.
+        self.force = True
 
     def build_extension(self, ext):
         import pybind11  # a build requirement; imported here so that metadata needs no compiler
@@ -153,7 +160,8 @@ setup(
             sources=CPP_SOURCES,
             depends=HEADERS + CUDA_SOURCES,
             include_dirs=["csrc"],
-            extra_compile_args=["-std=c++17", "-O3", "-fvisibility=hidden"],
+            # -g0: Python's flags add -g, which would triple the module's size.
+            extra_compile_args=["-std=c++17", "-O3", "-g0", "-fvisibility=hidden"],
             # The static CUDA runtime's symbols stay inside the module, apart from torch's.
             extra_link_args=["-Wl,--exclude-libs,ALL"],
             language="c++",
