@@ -158,11 +158,11 @@ setup(
         Extension(
             "fastunet._C",
             sources=CPP_SOURCES,
-            depends=HEADERS + CUDA_SOURCES,
+            depends=HEADERS + CUDA_SOURCES,  # so that the sdist carries them
             include_dirs=["csrc"],
             # -g0: Python's flags add -g, which would triple the module's size.
             extra_compile_args=["-std=c++17", "-O3", "-g0", "-fvisibility=hidden"],
-            # The static CUDA runtime's symbols stay inside the module, apart from torch's.
+            # The static CUDA runtime's symbols stay unexported: no clash with torch's runtime.
             extra_link_args=["-Wl,--exclude-libs,ALL"],
             language="c++",
         )
