@@ -3,6 +3,11 @@
 Kernel 2, stride 2, floor mode; NaN wins its window and ties pick the first position, as in
 PyTorch. The argmax is the position in the 2x2 window (0..3, row-major), one byte per output
 element where PyTorch saves an int64 index. The output follows the input's memory format.
+
+Backends (see `fastunet.ops._backend`): the `fastunet._C` CUDA kernels for CUDA tensors and
+their C++ twin for CPU tensors, else the torch composite below (float64, FASTUNET_BACKEND=torch,
+or `_C` not built). `_C` takes raw pointers, so tensors are made dense first and its outputs are
+allocated here.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastunet.ops._backend import choose, native_extension
 from fastunet.ops._common import check_activation, memory_format_of
 
 OP = "max_pool2d"
@@ -29,11 +35,34 @@ def _empty_like_layout(shape, x: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=x.device, memory_format=memory_format_of(x))
 
 
+def _uses_native(t: Tensor) -> bool:
+    return choose(OP, t.device, t.dtype).name in ("_C.cpu", "_C.cuda")
+
+
+def _run_native(name: str, full: Tensor, *pointers: int) -> None:
+    """Calls `_C.<name>_cpu` or `_C.<name>_cuda` on full's device and torch's current stream;
+    full is the dense (N, C, H, W) tensor (x, or grad_input), whose layout the others share."""
+    ext = native_extension()
+    dtype = getattr(ext.DType, str(full.dtype).removeprefix("torch."))
+    args = (*pointers, full.shape, full.stride(), dtype)
+    if full.device.type == "cuda":
+        stream = torch.cuda.current_stream(full.device).cuda_stream
+        getattr(ext, f"{name}_cuda")(*args, full.device.index, stream)
+    else:
+        getattr(ext, f"{name}_cpu")(*args)
+
+
 @torch.library.custom_op("fastunet::max_pool2d_with_argmax", mutates_args=())
 def max_pool2d_with_argmax(x: Tensor) -> tuple[Tensor, Tensor]:
     """2x2 max-pool; returns (output, argmax) where argmax is the uint8 window position."""
-    _check(x)
+    shape = _check(x)
     layout = memory_format_of(x)
+    if _uses_native(x):
+        x = x.contiguous(memory_format=layout)
+        out = _empty_like_layout(shape, x, x.dtype)
+        argmax = _empty_like_layout(shape, x, torch.uint8)
+        _run_native("max_pool2d_forward", x, x.data_ptr(), out.data_ptr(), argmax.data_ptr())
+        return out, argmax
     out, index = F.max_pool2d_with_indices(x, 2)
     # index is h * W + w in the input plane; the window of output (i, j) starts at (2i, 2j).
     h_out, w_out = out.shape[-2:]
@@ -52,12 +81,37 @@ def _(x):
     return _empty_like_layout(shape, x, x.dtype), _empty_like_layout(shape, x, torch.uint8)
 
 
+def _check_backward(grad_out: Tensor, argmax: Tensor, input_height: int, input_width: int):
+    """The sizes must agree: the kernels address memory from them."""
+    pooled = (*grad_out.shape[:2], input_height // 2, input_width // 2)
+    if grad_out.dim() != 4 or tuple(grad_out.shape) != pooled or argmax.shape != grad_out.shape:
+        raise ValueError(
+            f"{OP}: grad_out {tuple(grad_out.shape)} and argmax {tuple(argmax.shape)} must both be "
+            f"the pooled shape of an input of height {input_height} and width {input_width}"
+        )
+    if argmax.dtype != torch.uint8 or argmax.device != grad_out.device:
+        raise ValueError(
+            f"{OP}: argmax must be uint8 on {grad_out.device}, got {argmax.dtype} "
+            f"on {argmax.device}"
+        )
+
+
 @torch.library.custom_op("fastunet::max_pool2d_backward", mutates_args=())
 def max_pool2d_backward(
     grad_out: Tensor, argmax: Tensor, input_height: int, input_width: int
 ) -> Tensor:
     """Each input element gets its window's gradient if it was the window's argmax, else 0."""
+    _check_backward(grad_out, argmax, input_height, input_width)
     n, c, h_out, w_out = grad_out.shape
+    if _uses_native(grad_out):
+        layout = memory_format_of(argmax)
+        grad_out = grad_out.contiguous(memory_format=layout)
+        argmax = argmax.contiguous(memory_format=layout)
+        grad = _empty_like_layout((n, c, input_height, input_width), argmax, grad_out.dtype)
+        _run_native(
+            "max_pool2d_backward", grad, grad_out.data_ptr(), argmax.data_ptr(), grad.data_ptr()
+        )
+        return grad
     positions = torch.arange(4, device=argmax.device).view(1, 1, 1, 1, 2, 2)
     chosen = argmax[..., None, None] == positions
     windows = torch.where(chosen, grad_out[..., None, None], 0)
