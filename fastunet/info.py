@@ -21,10 +21,11 @@ def _version_of(package: str) -> str | None:
 
 
 def _native_extension() -> dict:
-    ext = _backend.native_extension()
-    if isinstance(ext, str):
-        return {"built": False, "cuda": False, "archs": [], "nvcc": None, "reason": ext}
-    return {"built": True, **ext.build_info()}
+    built = _backend.native_build_info()
+    if built is None:
+        reason = _backend.native_extension()
+        return {"built": False, "cuda": False, "archs": [], "nvcc": None, "reason": reason}
+    return {"built": True, **built}
 
 
 def info(device: torch.device | str | None = None) -> dict:

@@ -143,3 +143,12 @@ def test_forced_backend_is_validated(monkeypatch):
     monkeypatch.setenv("FASTUNET_BACKEND", "cudnn")
     with pytest.raises(ValueError, match="FASTUNET_BACKEND='cudnn' is not understood"):
         ops.conv2d_relu(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 3, 3))
+
+
+def test_max_pool2d_composite_gradient_is_bitwise_torchs(torch_backend):
+    x = torch.randn(2, 3, 7, 6, requires_grad=True)
+    grad = torch.randn(2, 3, 3, 3)
+    grad[0, 0, 0] = -0.0  # PyTorch's scatter into zeros lands it as +0.0
+    (expected,) = torch.autograd.grad(F.max_pool2d(x, 2), x, grad)
+    (got,) = torch.autograd.grad(ops.max_pool2d(x), x, grad)
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))

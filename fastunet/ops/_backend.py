@@ -59,6 +59,13 @@ def native_extension():
     return _C
 
 
+@functools.cache
+def native_build_info() -> dict | None:
+    """What `_C` was built with (CUDA or not, archs, nvcc, why no CUDA); None if not built."""
+    ext = native_extension()
+    return None if isinstance(ext, str) else ext.build_info()
+
+
 def choose(op: str, device: torch.device | str, dtype: torch.dtype) -> Backend:
     device = torch.device(device)
     if op not in TRITON_OPS + NATIVE_OPS:
@@ -95,7 +102,7 @@ def _choose_native(device: torch.device) -> Backend:
     if isinstance(ext, str):
         return Backend("torch", ext)
     if device.type == "cuda":
-        info = ext.build_info()
+        info = native_build_info()
         if info["cuda"]:
             return Backend("_C.cuda", "CUDA tensor: _C CUDA kernel")
         return Backend("torch", f"CUDA tensor, but _C was built without CUDA: {info['reason']}")

@@ -114,7 +114,8 @@ def max_pool2d_backward(
         return grad
     positions = torch.arange(4, device=argmax.device).view(1, 1, 1, 1, 2, 2)
     chosen = argmax[..., None, None] == positions
-    windows = torch.where(chosen, grad_out[..., None, None], 0)
+    # + 0.0: PyTorch adds the gradient into zeros, which turns a -0.0 into +0.0.
+    windows = torch.where(chosen, grad_out[..., None, None], 0) + 0.0
     # (n, c, i, j, dy, dx) -> (n, c, 2i + dy, 2j + dx), then zeros for a dropped row/column.
     grad = windows.permute(0, 1, 2, 4, 3, 5).reshape(n, c, 2 * h_out, 2 * w_out)
     grad = F.pad(grad, (0, input_width - 2 * w_out, 0, input_height - 2 * h_out))
