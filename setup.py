@@ -161,9 +161,9 @@ setup(
             depends=HEADERS + CUDA_SOURCES,  # so that the sdist carries them
             include_dirs=["csrc"],
             # -g0: Python's flags add -g, which would triple the module's size.
-            extra_compile_args=["-std=c++17", "-O3", "-g0", "-fvisibility=hidden"],
+            extra_compile_args=["-std=c++17", "-O3", "-g0", "-fvisibility=hidden", "-pthread"],
             # The static CUDA runtime's symbols stay unexported: no clash with torch's runtime.
-            extra_link_args=["-Wl,--exclude-libs,ALL"],
+            extra_link_args=["-Wl,--exclude-libs,ALL", "-pthread"],
             language="c++",
         )
     ],

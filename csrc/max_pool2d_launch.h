@@ -13,10 +13,11 @@ enum class DTypeCode : int { float32 = 0, float16 = 1, bfloat16 = 2 };
 
 // x, out and argmax (forward) or grad_out, argmax and grad_input (backward) are dense in one
 // layout, the one `g` describes.
+// The CPU twin shares the rows among up to `threads` threads.
 void max_pool2d_forward_cpu(const Geometry& g, DTypeCode dtype, uintptr_t x, uintptr_t out,
-                            uintptr_t argmax);
+                            uintptr_t argmax, int threads);
 void max_pool2d_backward_cpu(const Geometry& g, DTypeCode dtype, uintptr_t grad_out,
-                             uintptr_t argmax, uintptr_t grad_in);
+                             uintptr_t argmax, uintptr_t grad_in, int threads);
 // On CUDA device `device` and stream `stream` (a cudaStream_t); errors throw std::runtime_error
 // carrying CUDA's message.
 void max_pool2d_forward_cuda(const Geometry& g, DTypeCode dtype, uintptr_t x, uintptr_t out,

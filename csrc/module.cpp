@@ -76,25 +76,27 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "max_pool2d_forward_cpu",
       [](uintptr_t x, uintptr_t out, uintptr_t argmax, const Dims& sizes, const Dims& strides,
-         DTypeCode dtype) {
+         DTypeCode dtype, int threads) {
         const Geometry g = geometry_of(sizes, strides);
         py::gil_scoped_release release;
-        fastunet::max_pool2d_forward_cpu(g, dtype, x, out, argmax);
+        fastunet::max_pool2d_forward_cpu(g, dtype, x, out, argmax, threads);
       },
-      "Writes out (N, C, H//2, W//2) and argmax (uint8 window position) for x (N, C, H, W).",
+      "Writes out (N, C, H//2, W//2) and argmax (uint8 window position) for x (N, C, H, W),\n"
+      "on up to `threads` threads.",
       py::arg("x"), py::arg("out"), py::arg("argmax"), py::arg("sizes"), py::arg("strides"),
-      py::arg("dtype"));
+      py::arg("dtype"), py::arg("threads") = 1);
   m.def(
       "max_pool2d_backward_cpu",
       [](uintptr_t grad_out, uintptr_t argmax, uintptr_t grad_in, const Dims& sizes,
-         const Dims& strides, DTypeCode dtype) {
+         const Dims& strides, DTypeCode dtype, int threads) {
         const Geometry g = geometry_of(sizes, strides);
         py::gil_scoped_release release;
-        fastunet::max_pool2d_backward_cpu(g, dtype, grad_out, argmax, grad_in);
+        fastunet::max_pool2d_backward_cpu(g, dtype, grad_out, argmax, grad_in, threads);
       },
-      "Writes every element of grad_in (N, C, H, W): grad_out where argmax chose it, else 0.",
+      "Writes every element of grad_in (N, C, H, W): grad_out where argmax chose it, else 0,\n"
+      "on up to `threads` threads.",
       py::arg("grad_out"), py::arg("argmax"), py::arg("grad_in"), py::arg("sizes"),
-      py::arg("strides"), py::arg("dtype"));
+      py::arg("strides"), py::arg("dtype"), py::arg("threads") = 1);
 
 #if FASTUNET_WITH_CUDA
   m.def(

@@ -221,6 +221,15 @@ def test_C_writes_every_element(device, dtype, layout, shape, offset):
     assert_same_bits(grad_in, expected_grad_in)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cpu_twin_splits_rows_across_threads(threads, layout, monkeypatch):
+    """Enough rows for several threads (an odd count too): the same bits as one thread."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    x = make((2, 16, 131, 129), torch.float32, layout, "special", "cpu", seed=3)
+    check_against_pytorch(x, make((2, 16, 65, 64), torch.float32, layout, "random", "cpu", 4))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_saves_one_byte_per_output_element_for_backward(device):
     x = make((2, 16, 9, 10), torch.bfloat16, torch.channels_last, "random", device, 0)

@@ -49,7 +49,7 @@ def _run_native(name: str, full: Tensor, *pointers: int) -> None:
         stream = torch.cuda.current_stream(full.device).cuda_stream
         getattr(ext, f"{name}_cuda")(*args, full.device.index, stream)
     else:
-        getattr(ext, f"{name}_cpu")(*args)
+        getattr(ext, f"{name}_cpu")(*args, torch.get_num_threads())
 
 
 @torch.library.custom_op("fastunet::max_pool2d_with_argmax", mutates_args=())
