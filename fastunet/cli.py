@@ -84,6 +84,10 @@ def _bench(args: argparse.Namespace) -> int:
         except ImportError:
             raise ValueError("--plot needs matplotlib: pip install 'fastunet[plot]'") from None
     device = _device(args.device)
+    if device.type == "cpu" and not args.quick:
+        print("fastunet bench: no CUDA device, so the --quick suite (the full one needs a GPU)",
+              file=sys.stderr)  # fmt: skip
+        args.quick = True
     parts = dict(include_ops=args.only != "model", include_model=args.only != "ops")
     progress = ProgressBar(
         suite.step_count(args.quick, args.compile_all, **parts), enabled=not args.no_progress

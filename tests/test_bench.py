@@ -117,3 +117,11 @@ def test_bench_usage_errors_exit_2(argv):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
+
+
+def test_bench_without_a_gpu_runs_the_quick_suite(torch_backend, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    output = tmp_path / "result.json"
+    assert main(["bench", "--only", "model", "--no-progress", "--output", str(output)]) == 0
+    assert "no CUDA device, so the --quick suite" in capsys.readouterr().err
+    assert json.loads(output.read_text())["meta"]["quick"] is True

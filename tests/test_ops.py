@@ -1,11 +1,14 @@
 """The op layer: registration (opcheck), autograd formulas (gradcheck), errors, layouts."""
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.library import opcheck
 
 from fastunet import ops
+from fastunet.ops import _backend
 from fastunet.ops.conv2d_relu import conv2d_grad_input, conv2d_grad_weight, conv2d_relu_grad_output
 from fastunet.ops.max_pool2d import max_pool2d_backward
 from fastunet.ops.upsample_concat import upsample_grad
@@ -152,3 +155,29 @@ def test_max_pool2d_composite_gradient_is_bitwise_torchs(torch_backend):
     (expected,) = torch.autograd.grad(F.max_pool2d(x, 2), x, grad)
     (got,) = torch.autograd.grad(ops.max_pool2d(x), x, grad)
     assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize(
+    "capability,runs",
+    [((9, 0), True), ((8, 6), True), ((8, 9), True), ((12, 0), True), ((10, 0), True),
+     ((7, 5), True), ((7, 0), False), ((6, 1), False)],
+)  # fmt: skip
+def test_missing_arch_names_the_gpu_and_how_to_build(capability, runs):
+    archs = ["sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "compute_90"]
+    message = _backend.missing_arch(capability, archs)
+    assert (message is None) == runs
+    if not runs:
+        arch = f"{capability[0]}{capability[1]}"
+        assert f"this GPU is sm_{arch}" in message
+        assert f"FASTUNET_CUDA_ARCHS={arch} pip install" in message
+    # sm_80 machine code runs on sm_86 but not on sm_90, which needs PTX
+    assert _backend.missing_arch((8, 6), ["sm_80"]) is None
+    assert _backend.missing_arch((9, 0), ["sm_80"]) is not None
+
+
+def test_a_gpu_without_code_in_the_build_gets_a_clear_error(monkeypatch):
+    op_module = sys.modules["fastunet.ops.max_pool2d"]  # fastunet.ops.max_pool2d is the op
+    unsupported = _backend.Backend("unsupported", "this GPU is sm_70, ...")
+    monkeypatch.setattr(op_module, "choose", lambda *args: unsupported)
+    with pytest.raises(RuntimeError, match="max_pool2d: this GPU is sm_70"):
+        ops.max_pool2d(torch.randn(1, 1, 4, 4))

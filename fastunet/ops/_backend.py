@@ -23,7 +23,9 @@ NATIVE_OPS = ("max_pool2d",)
 
 @dataclass(frozen=True)
 class Backend:
-    name: str  # "triton", "triton-interpreter", "_C.cuda", "_C.cpu" or "torch"
+    # "triton", "triton-interpreter", "_C.cuda", "_C.cpu", "torch", or "unsupported" (a GPU
+    # that _C has no code for: the reason says how to build for it)
+    name: str
     reason: str
 
     @property
@@ -97,15 +99,43 @@ def _choose_triton(device: torch.device) -> Backend:
     )
 
 
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def missing_arch(capability: tuple[int, int], archs: list[str]) -> str | None:
+    """Why code built for `archs` (["sm_80", "compute_90"]) cannot run on a GPU of this compute
+    capability, or None when it can: machine code sm_XY runs on the same major version from
+    minor Y up; PTX compute_XY is compiled by the driver for any GPU from XY up."""
+    major, minor = capability
+    here = 10 * major + minor
+    for arch in archs:
+        kind, number = arch.split("_")
+        built = int(number)
+        if (kind == "sm" and built // 10 == major and built <= here) or (
+            kind == "compute" and built <= here
+        ):
+            return None
+    return (
+        f"this GPU is sm_{here}, but fastunet._C was built for {' '.join(archs)}: build it for "
+        f"this GPU with FASTUNET_CUDA_ARCHS={here} pip install --no-binary fastunet fastunet "
+        "(or set FASTUNET_BACKEND=torch to run the torch composite)"
+    )
+
+
 def _choose_native(device: torch.device) -> Backend:
     ext = native_extension()
     if isinstance(ext, str):
         return Backend("torch", ext)
     if device.type == "cuda":
         info = native_build_info()
-        if info["cuda"]:
-            return Backend("_C.cuda", "CUDA tensor: _C CUDA kernel")
-        return Backend("torch", f"CUDA tensor, but _C was built without CUDA: {info['reason']}")
+        if not info["cuda"]:
+            return Backend("torch", f"CUDA tensor, but _C was built without CUDA: {info['reason']}")
+        missing = missing_arch(_capability(device), info["archs"])
+        if missing:
+            return Backend("unsupported", missing)
+        return Backend("_C.cuda", "CUDA tensor: _C CUDA kernel")
     if device.type == "cpu":
         return Backend("_C.cpu", "CPU tensor: _C C++ twin")
     return Backend("torch", f"{device.type} tensor: torch composite")

@@ -36,7 +36,10 @@ def _empty_like_layout(shape, x: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _uses_native(t: Tensor) -> bool:
-    return choose(OP, t.device, t.dtype).name in ("_C.cpu", "_C.cuda")
+    backend = choose(OP, t.device, t.dtype)
+    if backend.name == "unsupported":
+        raise RuntimeError(f"{OP}: {backend.reason}")
+    return backend.name in ("_C.cpu", "_C.cuda")
 
 
 def _run_native(name: str, full: Tensor, *pointers: int) -> None:
