@@ -16,15 +16,14 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import KERNEL_DEVICE, assert_kernel_backend
 
 from fastunet import ops
 from fastunet.kernels import upsample_concat as kernels
-from fastunet.ops._backend import choose
 
 # The module, not the op of the same name that `fastunet.ops` exports.
 op_module = importlib.import_module("fastunet.ops.upsample_concat")
 
-KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # The interpreter has no bfloat16.
 KERNEL_DTYPES = ALL_DTYPES if KERNEL_DEVICE == "cuda" else ALL_DTYPES[:2]
@@ -66,8 +65,7 @@ def poisoned_outputs(monkeypatch):
 
 def upsample_concat(x, skip, mode, align_corners):
     """The op, after checking that it runs the Triton kernels, not the composite."""
-    backend = choose("upsample_concat", x.device, x.dtype)
-    assert backend.is_triton, backend.reason
+    assert_kernel_backend("upsample_concat", x.device, x.dtype)
     return ops.upsample_concat(x, skip, mode, align_corners)
 
 
