@@ -181,3 +181,14 @@ def test_a_gpu_without_code_in_the_build_gets_a_clear_error(monkeypatch):
     monkeypatch.setattr(op_module, "choose", lambda *args: unsupported)
     with pytest.raises(RuntimeError, match="max_pool2d: this GPU is sm_70"):
         ops.max_pool2d(torch.randn(1, 1, 4, 4))
+
+
+def test_without_triton_the_triton_ops_say_why_and_run_the_composite(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton fails
+    _backend.triton_kernels_error.cache_clear()
+    try:
+        backend = _backend.choose("conv2d_relu", "cuda", torch.float16)
+    finally:
+        _backend.triton_kernels_error.cache_clear()
+    assert backend.name == "torch"
+    assert "triton is not importable" in backend.reason

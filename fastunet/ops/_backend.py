@@ -45,7 +45,7 @@ def forced_backend() -> str:
 def triton_kernels_error() -> str | None:
     """Why the Triton kernels cannot be imported, or None when they can."""
     try:
-        import fastunet.kernels  # noqa: F401
+        import triton  # noqa: F401
     except ImportError as error:
         return f"triton is not importable: {error}"
     return None
