@@ -67,15 +67,9 @@ def _fits(config, n_size, k_size, element_size):
     return stage_bytes * config.num_stages <= 160 * 1024
 
 
-def _prune_gemm_configs(configs, named_args, **kwargs):
+def _prune_configs(configs, named_args, **kwargs):
+    """In both kernels BLOCK_N tiles C_out and BLOCK_K tiles C_in."""
     element_size = named_args["x_ptr"].element_size()
-    kept = [c for c in configs if _fits(c, named_args["C_OUT"], named_args["C_IN"], element_size)]
-    return kept or configs[-1:]
-
-
-def _prune_grad_weight_configs(configs, named_args, **kwargs):
-    element_size = named_args["x_ptr"].element_size()
-    # Here the output tile is (BLOCK_N of C_out) x (BLOCK_K of C_in).
     kept = [c for c in configs if _fits(c, named_args["C_OUT"], named_args["C_IN"], element_size)]
     return kept or configs[-1:]
 
@@ -86,11 +80,14 @@ def _tuning_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
-def _autotune(configs, key, prune):
+def _autotune(configs, key):
     if INTERPRET:  # the interpreter cannot time configs; the launcher passes INTERPRETER_TILES
         return lambda kernel: kernel
     return triton.autotune(
-        configs, key=key, prune_configs_by={"early_config_prune": prune}, do_bench=_tuning_bench
+        configs,
+        key=key,
+        prune_configs_by={"early_config_prune": _prune_configs},
+        do_bench=_tuning_bench,
     )
 
 
@@ -113,7 +110,7 @@ def _load_shifted_pixels(
     return tl.load(pointers, mask=inside[:, None] & (cs < C_IN)[None, :], other=0.0)
 
 
-@_autotune(GEMM_CONFIGS, ["N", "H_OUT", "W_OUT", "C_IN", "C_OUT", "KH", "KW"], _prune_gemm_configs)
+@_autotune(GEMM_CONFIGS, ["N", "H_OUT", "W_OUT", "C_IN", "C_OUT", "KH", "KW"])
 @triton.jit
 def _conv2d_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
@@ -178,7 +175,6 @@ def _conv2d_kernel(
 @_autotune(
     GRAD_WEIGHT_CONFIGS,
     ["N", "H_OUT", "W_OUT", "C_IN", "C_OUT", "KH", "KW", "M_PER_SPLIT"],
-    _prune_grad_weight_configs,
 )
 @triton.jit
 def _conv2d_grad_weight_kernel(

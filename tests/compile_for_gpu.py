@@ -73,13 +73,13 @@ def conv_builds():
     for dtype, precision, size in (("bf16", "ieee", 2), ("fp16", "ieee", 2), ("fp32", "tf32", 4)):
         args = {**sizes, **dict.fromkeys(tensors, dtype)}
         named = {"x_ptr": _Sized(size), "C_IN": c_in, "C_OUT": c_out}
-        for config in conv2d_relu._prune_gemm_configs(conv2d_relu.GEMM_CONFIGS, named):
+        for config in conv2d_relu._prune_configs(conv2d_relu.GEMM_CONFIGS, named):
             constexprs = dict(KH=3, KW=3, HAS_BIAS=True, RELU=True, INPUT_PRECISION=precision)
             yield conv2d_relu._conv2d_kernel, args, constexprs, config, 90
     grad_args = {**sizes, "grad_ptr": "bf16", "x_ptr": "bf16", "partial_ptr": "fp32",
                  "M_PER_SPLIT": 4096}  # fmt: skip
     named = {"x_ptr": _Sized(2), "C_IN": c_in, "C_OUT": c_out}
-    for config in conv2d_relu._prune_grad_weight_configs(conv2d_relu.GRAD_WEIGHT_CONFIGS, named):
+    for config in conv2d_relu._prune_configs(conv2d_relu.GRAD_WEIGHT_CONFIGS, named):
         constexprs = dict(KH=3, KW=3, INPUT_PRECISION="ieee")
         yield conv2d_relu._conv2d_grad_weight_kernel, grad_args, constexprs, config, 90
     first = conv2d_relu.GEMM_CONFIGS[0]

@@ -161,7 +161,8 @@ def _backward(ctx, grad_out):
         grad, grad_bias = conv2d_relu_grad_output(grad_out, out)
     else:
         grad = grad_out
-        grad_bias = grad_out.sum((0, 2, 3), dtype=torch.float32).to(grad_out.dtype)
+        if need_bias:
+            grad_bias = grad_out.sum((0, 2, 3), dtype=torch.float32).to(grad_out.dtype)
     grad_x = grad_w = None
     if need_x:
         grad_x = conv2d_grad_input(grad, weight, x.shape[2], x.shape[3], ctx.padding)
