@@ -292,3 +292,30 @@ def test_decoder_levels_backward_is_deterministic_over_10_runs(mode, align_corne
     first = torch.autograd.grad(out, x, grad_out, retain_graph=True)[0]
     for _ in range(9):
         assert torch.equal(torch.autograd.grad(out, x, grad_out, retain_graph=True)[0], first)
+
+
+def check_last_image(x_shape, skip_shape, mode, align_corners, device):
+    """The op on a batch, its last image against PyTorch on that image alone (bf16)."""
+    x = torch.randn(x_shape, device=device).to(torch.bfloat16)
+    skip = torch.randn(skip_shape, device=device).to(torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    skip = skip.contiguous(memory_format=torch.channels_last)
+    out = upsample_concat(x, skip, mode, align_corners)
+    (grad_x,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    last = slice(x_shape[0] - 1, x_shape[0])
+    grad_out = torch.ones_like(out[last], dtype=torch.float32)
+    expected, expected_grad, _ = forward_and_grads(
+        pytorch_upsample_concat, x[last].detach().float(), skip[last].float(), grad_out, mode,
+        align_corners,
+    )  # fmt: skip
+    assert torch.allclose(out[last].float(), expected, rtol=1e-2, atol=1e-2)
+    assert torch.allclose(grad_x[last].float(), expected_grad, rtol=1e-2, atol=1e-2)
+    return out.numel()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,align_corners", MODES, ids=MODE_IDS)
+def test_output_beyond_int32_offsets_on_gpu(mode, align_corners):
+    """An output of more than 2**31 elements: offsets past the mark must be int64."""
+    shapes = (3, 96, 1024, 1024), (3, 96, 2048, 2048)
+    assert check_last_image(*shapes, mode, align_corners, "cuda") > 2**31
