@@ -10,7 +10,7 @@ import torch
 from fastunet._version import __version__
 from fastunet.ops import _backend
 
-OPS = ("conv2d_relu", "upsample_concat", "max_pool2d")
+OPS = _backend.TRITON_OPS + _backend.NATIVE_OPS
 
 
 def _version_of(package: str) -> str | None:

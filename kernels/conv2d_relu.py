@@ -356,7 +356,7 @@ def grad_weight(grad, x, kernel_height: int, kernel_width: int, padding: int) ->
     m_per_split = triton.cdiv(triton.cdiv(m, split), SPLIT_GRANULE) * SPLIT_GRANULE
     split = triton.cdiv(m, m_per_split)
     partial = torch.empty((split, c_out, kh * kw * c_in), dtype=torch.float32, device=x.device)
-    meta = INTERPRETER_TILES if INTERPRET else {}
+    tiles = INTERPRETER_TILES if INTERPRET else {}
 
     def grid(meta):
         c_blocks = triton.cdiv(c_in, meta["BLOCK_K"])
@@ -367,7 +367,7 @@ def grad_weight(grad, x, kernel_height: int, kernel_width: int, padding: int) ->
         n, h, w, c_in, h_out, w_out, c_out,
         x.stride(0), x.stride(2), x.stride(3),
         padding, padding, m_per_split,
-        KH=kh, KW=kw, INPUT_PRECISION=_input_precision(x), **meta,
+        KH=kh, KW=kw, INPUT_PRECISION=_input_precision(x), **tiles,
     )  # fmt: skip
     total = partial[0] if split == 1 else partial.sum(0)
     return total.view(c_out, kh, kw, c_in).permute(0, 3, 1, 2).to(grad.dtype).contiguous()

@@ -23,6 +23,10 @@ def relative_error(value: torch.Tensor, truth: torch.Tensor) -> float:
     return float(diff / scale) if scale > 0 else float(diff)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def error_ratio(error: float, torch_error: float) -> float:
     """fastunet's error over PyTorch's own; 0 when both are exact."""
     if torch_error > 0:
@@ -90,7 +94,7 @@ def compare(
     return {
         "case": dict(
             batch=batch, size=size, base_channels=base_channels, depth=depth,
-            upsample=upsample, dtype=str(dtype).removeprefix("torch."), autocast=autocast,
+            upsample=upsample, dtype=dtype_name(dtype), autocast=autocast,
             channels_last=channels_last, device=str(device),
         ),
         **results,

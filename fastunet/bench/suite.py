@@ -56,8 +56,8 @@ def model_cases(quick: bool, compile_all: bool) -> list[ModelCase]:
     ]
 
 
-def _rate(amount: float, ms: float | None, scale: float) -> float | None:
-    return None if ms is None or ms <= 0 else amount / ms / scale
+def _rate(amount: float, ms: float, scale: float) -> float | None:
+    return amount / ms / scale if ms > 0 else None
 
 
 def _rates(flops: int, nbytes: int, ms: float, ceiling: dict) -> dict:
@@ -76,13 +76,9 @@ def _rates(flops: int, nbytes: int, ms: float, ceiling: dict) -> dict:
     }
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _speedups(times: dict) -> dict:
     ours = times["fastunet"]
-    return {name: t / ours for name, t in times.items() if name != "fastunet" and t is not None}
+    return {name: t / ours for name, t in times.items() if name != "fastunet"}
 
 
 # ---------------------------------------------------------------- ops at each UNet level
@@ -217,7 +213,7 @@ def run_op_bench(bench: OpBench, name: str, dtype, device, ceiling) -> list[dict
             "op": bench.op,
             "level": name,
             "shape": vars(bench.shape),
-            "dtype": _dtype_name(dtype),
+            "dtype": parity.dtype_name(dtype),
             "pass": "forward+backward" if backward else "forward",
             "backend": backend.name,
             "time_ms": times,
@@ -316,7 +312,7 @@ def run_model_case(case: ModelCase, device, ceiling, quick: bool, progress) -> l
             "size": case.size,
             "base_channels": case.base_channels,
             "depth": case.depth,
-            "dtype": _dtype_name(case.dtype) + ("-autocast" if case.autocast else ""),
+            "dtype": parity.dtype_name(case.dtype) + ("-autocast" if case.autocast else ""),
             "time_ms": times,
             "speedup": _speedups(times),
             "peak_memory_mb": memory,
