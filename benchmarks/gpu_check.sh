@@ -4,12 +4,15 @@
 # extension's tests, and `fastunet bench`. Everything lands in OUT; a short summary is printed
 # last. Stages can be run one at a time to fit a 10-minute call:
 #
-#   benchmarks/gpu_check.sh OUT [build] [tests] [sanitizer] [bench]     (default: all four)
+#   benchmarks/gpu_check.sh OUT [build] [tests] [sanitizer] [bench] [profile]
+#                                                   (default: build tests sanitizer bench)
 #
 # Files in OUT: build.log, info.txt, tests.log, sanitizer.log, bench.log, bench.json, bench.md,
-# bench.png (the plot needs matplotlib). Set BENCH_ARGS to pass arguments to `fastunet bench`.
+# bench.png (the plot needs matplotlib), profile.log, profile.json. Variables: BENCH_ARGS and
+# TEST_ARGS (e.g. "-n 8" with pytest-xdist) pass arguments on, STAGE_TIMEOUT (seconds) stops a
+# stage that runs longer (exit 124) so the stages after it still run and the logs come back.
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_check.sh OUT [build] [tests] [sanitizer] [bench]}
+out=${1:?usage: benchmarks/gpu_check.sh OUT [build] [tests] [sanitizer] [bench] [profile]}
 shift
 stages=${*:-build tests sanitizer bench}
 cd "$(dirname "$0")/.."
@@ -21,7 +24,7 @@ run_stage() {  # name, log, command...: runs it, keeps its exit code and last li
   local name=$1 log=$2
   shift 2
   local start=$SECONDS
-  "$@" >"$out/$log" 2>&1
+  timeout "${STAGE_TIMEOUT:-0}" "$@" >"$out/$log" 2>&1
   local code=$?
   summary+=("$(printf '%-10s exit %-3s %4ss  %s' "$name" "$code" $((SECONDS - start)) \
     "$(grep -v '^\s*$' "$out/$log" | tail -n 1 | cut -c1-110)")")
@@ -39,8 +42,9 @@ for stage in $stages; do
       nvidia-smi >>"$out/info.txt" 2>&1
       ;;
     tests)
+      # shellcheck disable=SC2086
       run_stage tests tests.log python3 -m pytest tests -q -rs -p no:cacheprovider \
-        --deselect tests/test_max_pool2d.py::test_compute_sanitizer_finds_no_errors
+        --deselect tests/test_max_pool2d.py::test_compute_sanitizer_finds_no_errors ${TEST_ARGS:-}
       ;;
     sanitizer)
       run_stage sanitizer sanitizer.log python3 -m pytest tests/test_max_pool2d.py -q -rs \
@@ -53,8 +57,11 @@ for stage in $stages; do
       run_stage bench bench.log python3 -m fastunet.cli bench --no-progress \
         --output "$out/bench.json" --markdown "$out/bench.md" "${plot[@]}" ${BENCH_ARGS:-}
       ;;
+    profile)
+      run_stage profile profile.log python3 benchmarks/profile_model.py "$out" --reduce-overhead
+      ;;
     *)
-      echo "unknown stage $stage (build, tests, sanitizer, bench)" >&2
+      echo "unknown stage $stage (build, tests, sanitizer, bench, profile)" >&2
       exit 2
       ;;
   esac

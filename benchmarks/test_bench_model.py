@@ -7,7 +7,7 @@ from bench_device import DEVICE, ON_GPU
 from fastunet import ReferenceUNet
 from fastunet.bench import suite
 
-CASES = suite.model_cases(quick=not ON_GPU, compile_all=False)
+CASES = suite.model_cases(quick=not ON_GPU)
 CANDIDATES = ["fastunet", "eager_fp32_nchw", "eager_bf16_cl", "compile"]
 
 

@@ -88,16 +88,20 @@ def _bench(args: argparse.Namespace) -> int:
         print("fastunet bench: no CUDA device, so the --quick suite (the full one needs a GPU)",
               file=sys.stderr)  # fmt: skip
         args.quick = True
-    parts = dict(include_ops=args.only != "model", include_model=args.only != "ops")
+    cases = [] if args.only == "ops" else suite.model_cases(args.quick, args.compile, args.case)
+    include_ops = args.only != "model" and not args.case
     progress = ProgressBar(
-        suite.step_count(args.quick, args.compile_all, **parts), enabled=not args.no_progress
+        suite.step_count(args.quick, cases, include_ops), enabled=not args.no_progress
     )
+
+    def checkpoint(result: dict) -> None:  # a run cut short still leaves what it measured
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+
     try:
-        result = suite.run(device, args.quick, args.compile_all, progress=progress, **parts)
+        result = suite.run(device, args.quick, cases, include_ops, progress, checkpoint)
     finally:
         progress.close()
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(report.markdown_report(result))
@@ -116,6 +120,8 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fastunet.bench.suite import COMPILE_CHOICES
+
     parser = argparse.ArgumentParser(prog="fastunet", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -145,8 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if any)")
     bench.add_argument("--only", choices=["ops", "model"], default=None, help="one part only")
     bench.add_argument(
-        "--compile-all", action="store_true",
-        help="time torch.compile(max-autotune) for every model case, not only the standard one",
+        "--compile", choices=COMPILE_CHOICES, default="standard",
+        help="which model cases also time torch.compile(mode='max-autotune') of the reference "
+        "(minutes of compile each): the standard case (default), all, or none",
+    )  # fmt: skip
+    bench.add_argument(
+        "--case", action="append", default=None,
+        help="time only this model case (repeatable; no op rows): e.g. N16-256-bf16, N1-256-bf16",
     )  # fmt: skip
     bench.add_argument("--output", default="fastunet-bench.json", help="the JSON result")
     bench.add_argument("--markdown", default=None, help="also write the tables as markdown")

@@ -26,6 +26,12 @@ from fastunet.ops._backend import choose
 
 INPUT_SETS = 3
 GPU_ONLY = "needs a CUDA device"
+# Which model cases time torch.compile(mode="max-autotune") of the reference: its compile time
+# alone is minutes, so by default only the standard case does.
+COMPILE_CHOICES = ("standard", "all", "none")
+STANDARD_CASE = "N16-256-bf16"
+# A model step takes tens of ms: do_bench's default 100 ms would time only a few of them.
+MODEL_WARMUP_MS, MODEL_REP_MS = 200, 1000
 
 
 @dataclass(frozen=True)
@@ -43,17 +49,36 @@ class ModelCase:
         return self.dtype != torch.float32
 
 
-def model_cases(quick: bool, compile_all: bool) -> list[ModelCase]:
+def model_cases(
+    quick: bool, compile: str = "standard", names: list[str] | None = None
+) -> list[ModelCase]:
+    """The model cases to time, optionally only those named; `compile` is one of
+    COMPILE_CHOICES. N=1 shows the op layer's per-call overhead, which a large batch hides."""
+    if compile not in COMPILE_CHOICES:
+        raise ValueError(f"compile must be one of {COMPILE_CHOICES}, got {compile!r}")
     if quick:
-        return [
+        cases = [
             ModelCase("quick-fp32", 2, 64, 8, 3, torch.float32, False),
             ModelCase("quick-bf16", 2, 64, 8, 3, torch.bfloat16, False),
         ]
-    return [
-        ModelCase("N16-256-bf16", 16, 256, 64, 4, torch.bfloat16, True),
-        ModelCase("N8-512-bf16", 8, 512, 64, 4, torch.bfloat16, compile_all),
-        ModelCase("N16-256-fp32", 16, 256, 64, 4, torch.float32, compile_all),
-    ]
+    else:
+        cases = [
+            ModelCase(name, batch, size, 64, 4, dtype, compile == "all" or (
+                compile == "standard" and name == STANDARD_CASE))
+            for name, batch, size, dtype in (
+                (STANDARD_CASE, 16, 256, torch.bfloat16),
+                ("N1-256-bf16", 1, 256, torch.bfloat16),
+                ("N8-512-bf16", 8, 512, torch.bfloat16),
+                ("N16-256-fp32", 16, 256, torch.float32),
+            )
+        ]  # fmt: skip
+    if names:
+        unknown = set(names) - {case.name for case in cases}
+        if unknown:
+            known = ", ".join(case.name for case in cases)
+            raise ValueError(f"unknown case {', '.join(sorted(unknown))}; the cases are {known}")
+        cases = [case for case in cases if case.name in names]
+    return cases
 
 
 def _rate(amount: float, ms: float, scale: float) -> float | None:
@@ -298,7 +323,10 @@ def run_model_case(case: ModelCase, device, ceiling, quick: bool, progress) -> l
             module.train(training)
             run = model_step(module, training, autocast, device)
             sets = [(x.contiguous(memory_format=layout), t) for x, t in inputs]
-            times[name] = median_ms(lambda i, run=run, sets=sets: run(*sets[i]), INPUT_SETS, device)
+            times[name] = median_ms(
+                lambda i, run=run, sets=sets: run(*sets[i]), INPUT_SETS, device,
+                warmup_ms=MODEL_WARMUP_MS, rep_ms=MODEL_REP_MS,
+            )  # fmt: skip
             memory[name] = peak_memory_mb(lambda i, run=run, sets=sets: run(*sets[i]), device)
         size = torch.empty((), dtype=case.dtype).element_size()
         amounts = counts.model_counts(
@@ -332,22 +360,24 @@ def run_model_case(case: ModelCase, device, ceiling, quick: bool, progress) -> l
 def _compile_skip_reason(case: ModelCase, quick: bool) -> str:
     if quick:
         return "--quick skips torch.compile (its compile time alone is minutes)"
-    return "torch.compile(max-autotune) runs on the standard case only; --compile-all adds it"
+    return (
+        f"torch.compile(max-autotune) was not asked for this case (--compile: standard times "
+        f"{STANDARD_CASE} only, all times every case, none none)"
+    )
 
 
 # ---------------------------------------------------------------- the run
 
 
-def step_count(quick: bool, compile_all: bool, include_ops: bool, include_model: bool) -> int:
+def step_count(quick: bool, cases: list[ModelCase], include_ops: bool) -> int:
     """How many progress messages `run` will send (for a progress bar)."""
     steps = 1  # the ceilings
     if include_ops:
         shapes = unet_shapes(1, 32, 8, 2) if quick else unet_shapes()
         steps += len(shapes["conv"]) + len(shapes["pool"]) + 2 * len(shapes["upsample"])
-    if include_model:
-        for case in model_cases(quick, compile_all):
-            candidates = 3 + (case.compile_baseline and not quick)
-            steps += 2 * candidates + 1  # inference and training for each, then parity
+    for case in cases:
+        candidates = 3 + (case.compile_baseline and not quick)
+        steps += 2 * candidates + 1  # inference and training for each, then parity
     return steps
 
 
@@ -365,12 +395,15 @@ def _driver_version() -> str | None:
 def run(
     device: torch.device,
     quick: bool = False,
-    compile_all: bool = False,
+    cases: list[ModelCase] | None = None,
     include_ops: bool = True,
-    include_model: bool = True,
     progress: Callable[[str], None] = lambda message: None,
+    checkpoint: Callable[[dict], None] = lambda result: None,
 ) -> dict:
-    """Run the suite; the result is what `fastunet bench` writes as JSON."""
+    """Run the suite; the result is what `fastunet bench` writes as JSON. `cases` defaults to
+    model_cases(quick); checkpoint(result) is called after each op and model case, so a run cut
+    short still leaves what it measured."""
+    cases = model_cases(quick) if cases is None else cases
     environment = info(device)
     progress("measuring the device's matmul peak and copy bandwidth")
     ceiling = ceilings(device)
@@ -395,11 +428,14 @@ def run(
         "model": [],
     }  # fmt: skip
     if include_ops:
+        # The eager baseline is cuDNN at its best: each shape picks its fastest algorithm.
+        torch.backends.cudnn.benchmark = True
         dtype, benches = op_benches(quick, device)
         for name, bench in benches:
             progress(f"{bench.op} {name}")
             result["ops"] += run_op_bench(bench, name, dtype, device, ceiling)
-    if include_model:
-        for case in model_cases(quick, compile_all):
-            result["model"] += run_model_case(case, device, ceiling, quick, progress)
+            checkpoint(result)
+    for case in cases:
+        result["model"] += run_model_case(case, device, ceiling, quick, progress)
+        checkpoint(result)
     return result

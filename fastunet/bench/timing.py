@@ -15,13 +15,24 @@ from collections.abc import Callable
 import torch
 
 
-def median_ms(step: Callable[[int], object], input_sets: int, device: torch.device) -> float:
-    """Median milliseconds of step(i), i cycling over range(input_sets)."""
+def median_ms(
+    step: Callable[[int], object],
+    input_sets: int,
+    device: torch.device,
+    warmup_ms: float = 25,
+    rep_ms: float = 100,
+) -> float:
+    """Median milliseconds of step(i), i cycling over range(input_sets); on CUDA, after warmup_ms
+    of warm-up and over about rep_ms of repeats (raise both for steps of tens of ms)."""
     rotation = itertools.cycle(range(input_sets))
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return float(do_bench(lambda: step(next(rotation)), return_mode="median"))
+        return float(
+            do_bench(
+                lambda: step(next(rotation)), warmup=warmup_ms, rep=rep_ms, return_mode="median"
+            )
+        )
     for _ in range(input_sets):  # warm-up: one-time costs stay out of the numbers
         step(next(rotation))
     times = []
