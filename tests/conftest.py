@@ -32,3 +32,11 @@ def torch_backend(monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32(monkeypatch):
+    """fp32 tolerances assume IEEE fp32, so TF32 (on by default for cuDNN) is off unless a test
+    turns it on (test_tf32_follows_cudnn_setting does)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)

@@ -146,7 +146,6 @@ GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=[s.name for s in GPU_SHAPES])
 def test_conv2d_relu_unet_shapes_on_gpu(shape, dtype, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # IEEE fp32 on both sides
     assert_kernel_backend("conv2d_relu", "cuda", dtype)
     x, weight, bias = make_case(
         shape.batch, shape.in_channels, shape.out_channels, shape.height, shape.width,
