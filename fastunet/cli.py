@@ -1,4 +1,4 @@
-"""The `fastunet` command: `fastunet info`, `fastunet parity`, `fastunet bench`."""
+"""The `fastunet` command: `fastunet info`, `parity`, `bench` and `tune`."""
 
 from __future__ import annotations
 
@@ -40,6 +40,35 @@ def _parity(args: argparse.Namespace) -> int:
             f"{row:12} {values['output']:10.2e} {values['grad_input']:10.2e} "
             f"{values['grad_params']:11.2e}"
         )
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from fastunet import UNet
+    from fastunet.ops import _choice
+
+    device = _device(args.device)
+    dtype = DTYPES[args.dtype]
+    model = UNet(args.in_channels, args.num_classes, args.base_channels, args.depth,
+                 upsample=args.upsample).to(device)  # fmt: skip
+    x = torch.randn(args.batch, args.in_channels, args.size, args.size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    with _choice.recording() as calls:
+        with torch.no_grad(), torch.autocast(**autocast):
+            model(x)
+        with torch.autocast(**autocast):
+            out = model(x.requires_grad_(args.input_grad))
+        out.float().sum().backward()
+    table = {key: choice for key, choice in calls}
+    if args.json:
+        print(json.dumps({key: vars(choice) for key, choice in table.items()}, indent=2))
+        return 0
+    for key, choice in table.items():
+        print(f"{choice.path:8}  {key}\n          {choice.reason}")
+    counts = _choice.summarize(list(table.items()))
+    print(f"\n{len(table)} layer shapes: {counts['fastunet']} fastunet, {counts['torch']} torch; "
+          f"measured choices are kept in {_choice.cache_file(device)}")  # fmt: skip
     return 0
 
 
@@ -91,7 +120,7 @@ def _bench(args: argparse.Namespace) -> int:
     cases = [] if args.only == "ops" else suite.model_cases(args.quick, args.compile, args.case)
     include_ops = args.only != "model" and not args.case
     progress = ProgressBar(
-        suite.step_count(args.quick, cases, include_ops), enabled=not args.no_progress
+        suite.step_count(args.quick, cases, include_ops, device), enabled=not args.no_progress
     )
 
     def checkpoint(result: dict) -> None:  # a run cut short still leaves what it measured
@@ -164,6 +193,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", default=None, help="also draw a PNG of the speedups")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(run=_bench)
+
+    tune = commands.add_parser(
+        "tune", help="choose (by measuring) and cache each layer's path for a UNet's shapes"
+    )
+    tune.add_argument("--device", default=None)
+    tune.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                      help="bf16 and fp16 run under autocast with fp32 weights")  # fmt: skip
+    tune.add_argument("--batch", type=_positive_int, default=16)
+    tune.add_argument("--size", type=_positive_int, default=256)
+    tune.add_argument("--in-channels", type=_positive_int, default=3)
+    tune.add_argument("--num-classes", type=_positive_int, default=2)
+    tune.add_argument("--base-channels", type=_positive_int, default=64)
+    tune.add_argument("--depth", type=_positive_int, default=4)
+    tune.add_argument("--upsample", choices=["nearest", "bilinear"], default="nearest")
+    tune.add_argument("--input-grad", action="store_true",
+                      help="the training step also needs the input's gradient")  # fmt: skip
+    tune.add_argument("--json", action="store_true")
+    tune.set_defaults(run=_tune)
     return parser
 
 

@@ -1,23 +1,16 @@
-"""`fastunet.info()`: versions, device, the native extension, and each op's backend and why."""
+"""`fastunet.info()`: versions, device, the native extension, each op's backend and why, and
+how each layer's path is chosen."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import platform
 
 import torch
 
 from fastunet._version import __version__
-from fastunet.ops import _backend
+from fastunet.ops import _backend, _choice
 
 OPS = _backend.TRITON_OPS + _backend.NATIVE_OPS
-
-
-def _version_of(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _native_extension() -> dict:
@@ -42,7 +35,7 @@ def info(device: torch.device | str | None = None) -> dict:
         "fastunet": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "triton": _version_of("triton"),
+        "triton": _backend.package_version("triton"),
         "cuda_runtime": torch.version.cuda,
         "device": str(device),
         "device_name": device_name,
@@ -51,6 +44,7 @@ def info(device: torch.device | str | None = None) -> dict:
         "forced_backend": _backend.forced_backend(),
         "native_extension": _native_extension(),
         "ops": {op: vars(_backend.choose(op, device, torch.float32)) for op in OPS},
+        "layer_choice": _choice.describe(device),
     }
 
 
@@ -75,4 +69,9 @@ def format_info(report: dict) -> str:
     width = max(len(op) for op in report["ops"])
     for op, backend in report["ops"].items():
         lines.append(f"  {op:<{width}}  {backend['name']:<18}  {backend['reason']}")
+    choice = report["layer_choice"]
+    lines.append(
+        "layers: " + (choice["rule"] or "fastunet op or PyTorch's own path, measured per layer")
+    )
+    lines.append(f"  choice cache: {choice['cache_file']} ({choice['cached']} measured choices)")
     return "\n".join(lines)

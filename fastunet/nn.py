@@ -1,10 +1,15 @@
-"""Small nn.Modules over the ops, with the parameter names of their torch.nn counterparts."""
+"""Small nn.Modules over the ops, with the parameter names of their torch.nn counterparts.
+
+Each call runs the fastunet op or PyTorch's own path, whichever this layer's measured choice
+says (`fastunet.ops._choice`): a module is never slower than the torch.nn layers it replaces.
+"""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
 from fastunet import ops
+from fastunet.ops._choice import run_layer
 
 
 class Conv2dReLU(nn.Conv2d):
@@ -34,7 +39,9 @@ class Conv2dReLU(nn.Conv2d):
         self.relu = relu
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.conv2d_relu(x, self.weight, self.bias, self.padding[0], self.relu)
+        return run_layer(
+            "conv2d_relu", ops.conv2d_relu, x, self.weight, self.bias, self.padding[0], self.relu
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", relu={self.relu}"
@@ -48,7 +55,9 @@ class UpsampleConcat(nn.Module):
         self.mode, self.align_corners = mode, align_corners
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
-        return ops.upsample_concat(x, skip, self.mode, self.align_corners)
+        return run_layer(
+            "upsample_concat", ops.upsample_concat, x, skip, self.mode, self.align_corners
+        )
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, align_corners={self.align_corners}"
@@ -58,4 +67,4 @@ class MaxPool2d(nn.Module):
     """`nn.MaxPool2d(2)`, saving one byte per output element for the backward."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return ops.max_pool2d(x)
+        return run_layer("max_pool2d", ops.max_pool2d, x)

@@ -25,7 +25,8 @@ def model_table(result: dict) -> tuple[list[str], list[list[str]]]:
     header = ["case", "mode", "fastunet ms"]
     for name in BASELINES:
         header += [f"{name} ms", "speedup"]
-    header += ["peak MiB (fastunet / eager_bf16_cl)", "TFLOP/s (of peak)", "parity ratio out/grad"]
+    header += ["peak MiB (fastunet / eager_bf16_cl)", "TFLOP/s (of peak)", "parity ratio out/grad",
+               "layers fastunet/torch"]  # fmt: skip
     rows = []
     for row in result["model"]:
         line = [row["case"], row["mode"], _ms(row["time_ms"]["fastunet"])]
@@ -38,6 +39,8 @@ def model_table(result: dict) -> tuple[list[str], list[list[str]]]:
         line.append("-" if tflops is None else f"{tflops:.1f} ({_percent(row['tflops_fraction'])})")
         ratio = row["parity"]["ratio"]
         line.append(f"{_ratio(ratio['output'])} / {_ratio(ratio['grad_params'])}")
+        layers = row.get("layers")  # results written before the per-layer choice have none
+        line.append("-" if layers is None else f"{layers['fastunet']} / {layers['torch']}")
         rows.append(line)
     return header, rows
 
@@ -103,6 +106,12 @@ def text_report(result: dict) -> str:
             (r["case"], name, note) for r in result["model"] for name, note in r["notes"].items()
         }
         parts += [f"  {case}: {name}: {note}" for case, name, note in sorted(notes)]
+        reasons = {
+            (r["case"], r["mode"], str(r["layers"]["reasons"]))
+            for r in result["model"]
+            if "layers" in r
+        }
+        parts += [f"  {case} {mode}: layer choices: {why}" for case, mode, why in sorted(reasons)]
     if result["meta"]["device"] == "cpu":
         parts += ["", "GPU speed figures need CUDA: this run timed the CPU paths only."]
     return "\n".join(parts)

@@ -22,6 +22,7 @@ from fastunet.bench import counts, parity
 from fastunet.bench.shapes import ConvShape, PoolShape, UpsampleShape, unet_shapes
 from fastunet.bench.timing import ceilings, median_ms, peak_memory_mb
 from fastunet.info import info
+from fastunet.ops import _choice
 from fastunet.ops._backend import choose
 
 INPUT_SETS = 3
@@ -60,6 +61,7 @@ def model_cases(
         cases = [
             ModelCase("quick-fp32", 2, 64, 8, 3, torch.float32, False),
             ModelCase("quick-bf16", 2, 64, 8, 3, torch.bfloat16, False),
+            ModelCase("quick-256-fp32", 1, 256, 16, 4, torch.float32, False),
         ]
     else:
         cases = [
@@ -268,6 +270,12 @@ def op_benches(quick: bool, device) -> tuple[torch.dtype, list[tuple[str, OpBenc
 # ---------------------------------------------------------------- the whole model
 
 
+def _times_bf16_eager(case: ModelCase, device) -> bool:
+    """bf16 eager is many times slower than fp32 on the CPU: there it is timed for bf16 cases
+    only."""
+    return torch.device(device).type == "cuda" or case.autocast
+
+
 def model_candidates(case: ModelCase, reference: ReferenceUNet, device, quick: bool) -> dict:
     """name -> (module, input memory format, autocast dtype or None, cudnn.benchmark)."""
     cl, nchw = torch.channels_last, torch.contiguous_format
@@ -275,8 +283,10 @@ def model_candidates(case: ModelCase, reference: ReferenceUNet, device, quick: b
     candidates = {
         "fastunet": (UNet.from_reference(reference), cl, autocast, True),
         "eager_fp32_nchw": (copy.deepcopy(reference), nchw, None, False),
-        "eager_bf16_cl": (copy.deepcopy(reference).to(memory_format=cl), cl, torch.bfloat16, True),
     }
+    if _times_bf16_eager(case, device):
+        module = copy.deepcopy(reference).to(memory_format=cl)
+        candidates["eager_bf16_cl"] = (module, cl, torch.bfloat16, True)
     if case.compile_baseline and not quick:
         module = copy.deepcopy(reference).to(memory_format=cl)
         compiled = torch.compile(module, mode="max-autotune")
@@ -314,6 +324,8 @@ def run_model_case(case: ModelCase, device, ceiling, quick: bool, progress) -> l
     ]
     candidates = model_candidates(case, reference, device, quick)
     notes = {} if "compile" in candidates else {"compile": _compile_skip_reason(case, quick)}
+    if "eager_bf16_cl" not in candidates:
+        notes["eager_bf16_cl"] = "not timed: bf16 on the CPU, for an fp32 case, says little"
     rows = []
     for training in (False, True):
         times, memory = {}, {}
@@ -328,6 +340,10 @@ def run_model_case(case: ModelCase, device, ceiling, quick: bool, progress) -> l
                 warmup_ms=MODEL_WARMUP_MS, rep_ms=MODEL_REP_MS,
             )  # fmt: skip
             memory[name] = peak_memory_mb(lambda i, run=run, sets=sets: run(*sets[i]), device)
+            if name == "fastunet":
+                with _choice.recording() as calls:
+                    run(*sets[0])
+                layers = _layer_paths(calls)
         size = torch.empty((), dtype=case.dtype).element_size()
         amounts = counts.model_counts(
             case.batch, case.size, case.base_channels, case.depth, element_size=size,
@@ -344,6 +360,7 @@ def run_model_case(case: ModelCase, device, ceiling, quick: bool, progress) -> l
             "time_ms": times,
             "speedup": _speedups(times),
             "peak_memory_mb": memory,
+            "layers": layers,
             **_rates(amounts["flops"], amounts["bytes"], times["fastunet"], ceiling),
             "notes": notes,
         })  # fmt: skip
@@ -355,6 +372,15 @@ def run_model_case(case: ModelCase, device, ceiling, quick: bool, progress) -> l
     for row in rows:
         row["parity"] = {"batch": 2, **{k: check[k] for k in ("reference", "fastunet", "ratio")}}
     return rows
+
+
+def _layer_paths(calls: list) -> dict:
+    """How many of fastunet's layer calls ran each path in one step, and why."""
+    reasons: dict[str, int] = {}
+    for _, choice in calls:
+        reason = choice.reason.split(":")[0]  # "measured", "CPU", ...: the figures stay out
+        reasons[reason] = reasons.get(reason, 0) + 1
+    return {**_choice.summarize(calls), "reasons": reasons}
 
 
 def _compile_skip_reason(case: ModelCase, quick: bool) -> str:
@@ -369,14 +395,14 @@ def _compile_skip_reason(case: ModelCase, quick: bool) -> str:
 # ---------------------------------------------------------------- the run
 
 
-def step_count(quick: bool, cases: list[ModelCase], include_ops: bool) -> int:
+def step_count(quick: bool, cases: list[ModelCase], include_ops: bool, device) -> int:
     """How many progress messages `run` will send (for a progress bar)."""
     steps = 1  # the ceilings
     if include_ops:
         shapes = unet_shapes(1, 32, 8, 2) if quick else unet_shapes()
         steps += len(shapes["conv"]) + len(shapes["pool"]) + 2 * len(shapes["upsample"])
     for case in cases:
-        candidates = 3 + (case.compile_baseline and not quick)
+        candidates = 2 + _times_bf16_eager(case, device) + (case.compile_baseline and not quick)
         steps += 2 * candidates + 1  # inference and training for each, then parity
     return steps
 

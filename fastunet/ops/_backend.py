@@ -7,6 +7,7 @@ can run on CPU and GPU in the same process. Nothing above the op layer knows whi
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import os
 from dataclasses import dataclass
 
@@ -33,12 +34,26 @@ class Backend:
         return self.name.startswith("triton")
 
 
+FORCED_BACKENDS = ("auto", "fastunet", "torch")
+
+
 def forced_backend() -> str:
-    """FASTUNET_BACKEND: unset or "auto" picks per call; "torch" forces the composite everywhere."""
+    """FASTUNET_BACKEND: unset or "auto" picks per layer (see `fastunet.ops._choice`) and per
+    call; "fastunet" runs fastunet's ops on every layer, without measuring; "torch" runs them
+    with the torch composite inside, everywhere (for bisecting)."""
     value = os.environ.get("FASTUNET_BACKEND", "auto").strip().lower() or "auto"
-    if value not in ("auto", "torch"):
-        raise ValueError(f"FASTUNET_BACKEND={value!r} is not understood; use 'auto' or 'torch'")
+    if value not in FORCED_BACKENDS:
+        raise ValueError(
+            f"FASTUNET_BACKEND={value!r} is not understood; use one of {', '.join(FORCED_BACKENDS)}"
+        )
     return value
+
+
+def package_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 @functools.cache

@@ -1,0 +1,344 @@
+"""Per-layer choice between a fastunet op and PyTorch's own path, by measurement, cached on disk.
+
+A drop-in must never make a layer slower. For each (device name, op, pass, dtype, shapes,
+layouts), the first call on a GPU times the fastunet op and PyTorch's own path (cuDNN conv +
+bias + ReLU, aten's interpolate + cat, aten's max-pool) on the call's own inputs, forward alone
+or forward + backward as the call needs, the way inductor's max-autotune weighs aten against its
+Triton templates. The faster runs from then on. Measured choices are saved as JSON in
+`cache_dir()` (FASTUNET_CACHE_DIR), stamped with the versions and kernel sources that made them,
+so a new process neither re-measures nor changes its bit patterns; a stale or unreadable file is
+ignored with a warning. The kernels' tile choices are cached by Triton itself (autotune's
+`cache_results`, in Triton's cache directory, TRITON_CACHE_DIR).
+
+Choices made without measuring (`_rule`):
+- FASTUNET_BACKEND=fastunet runs fastunet's ops everywhere; =torch runs them with the torch
+  composite inside (for bisecting);
+- TRITON_INTERPRET=1 runs the kernels: the interpreter is there to test them, not to be fast;
+- on the CPU, PyTorch's own path: fastunet's CPU path is those aten calls plus the op layer's
+  overhead, and the `_C` max-pool twin is slower than aten's (it stays the oracle that the CUDA
+  kernel's logic is tested against);
+- inside torch.compile or a CUDA graph capture nothing can be timed: a cached choice, else the
+  fastunet op (under torch.compile, always the fastunet op).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastunet._version import __version__
+from fastunet.kernels import INTERPRET
+from fastunet.ops._backend import choose, forced_backend, native_extension, package_version
+from fastunet.ops._common import CHANNELS_LAST, memory_format_of
+from fastunet.ops._timing import median_ms
+
+FORMAT = 1
+PATHS = ("fastunet", "torch")
+
+
+@dataclass(frozen=True)
+class Choice:
+    path: str  # "fastunet" or "torch" (PyTorch's own path)
+    reason: str
+    times_ms: dict[str, float] | None = None
+
+
+def _torch_conv2d_relu(x, weight, bias=None, padding=1, relu=True):
+    out = F.conv2d(x, weight, bias, padding=padding)
+    return F.relu(out) if relu else out
+
+
+def _torch_upsample_concat(x, skip, mode="nearest", align_corners=False):
+    aligned = align_corners if mode == "bilinear" else None
+    up = F.interpolate(x, size=skip.shape[-2:], mode=mode, align_corners=aligned)
+    return torch.cat([skip, up], 1)
+
+
+def _torch_max_pool2d(x):
+    return F.max_pool2d(x, 2)
+
+
+# PyTorch's own path for each op: exactly the composite the op's contract names.
+TORCH_PATHS = {
+    "conv2d_relu": _torch_conv2d_relu,
+    "upsample_concat": _torch_upsample_concat,
+    "max_pool2d": _torch_max_pool2d,
+}
+
+CPU_CHOICE = Choice(
+    "torch",
+    "CPU: PyTorch's own path (fastunet's CPU path is the same aten calls plus the op layer's "
+    "overhead; the _C max-pool twin is slower than aten's)",
+)
+INTERPRETER_CHOICE = Choice("fastunet", "TRITON_INTERPRET=1: the kernels run, to be tested")
+
+
+# ---------------------------------------------------------------- the cache on disk
+
+
+def cache_dir() -> Path:
+    """FASTUNET_CACHE_DIR, else $XDG_CACHE_HOME/fastunet, else ~/.cache/fastunet."""
+    configured = os.environ.get("FASTUNET_CACHE_DIR")
+    if configured:
+        return Path(configured).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastunet"
+
+
+@functools.cache
+def stamp() -> dict:
+    """What a measured choice depends on besides its key: a change in any makes a file stale."""
+    from fastunet import kernels
+
+    sources = hashlib.sha256()
+    for path in sorted(Path(kernels.__file__).parent.glob("*.py")):
+        sources.update(path.read_bytes())
+    ext = native_extension()
+    if not isinstance(ext, str):
+        sources.update(Path(ext.__file__).read_bytes())
+    return {
+        "format": FORMAT,
+        "fastunet": __version__,
+        "torch": torch.__version__,
+        "triton": package_version("triton"),
+        "kernels": sources.hexdigest()[:16],
+    }
+
+
+class ChoiceCache:
+    """The measured choices for one device: read from one JSON file on first use, and written
+    back (merged with what another process may have added) after each new choice."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._entries: dict[str, dict] | None = None
+        self._save_failed = False
+
+    @property
+    def entries(self) -> dict[str, dict]:
+        if self._entries is None:
+            self._entries = self._read(warn=True)
+        return self._entries
+
+    def _read(self, warn: bool) -> dict[str, dict]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as error:
+            if warn:
+                _warn(f"cannot read the choice cache {self.path} ({error}); measuring again")
+            return {}
+        entries = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(entries, dict) or not all(
+            isinstance(e, dict) and e.get("path") in PATHS and isinstance(e.get("reason"), str)
+            for e in entries.values()
+        ):
+            if warn:
+                _warn(f"the choice cache {self.path} is not in the expected form; measuring again")
+            return {}
+        if data.get("stamp") != stamp():
+            if warn:
+                changed = _stamp_changes(data.get("stamp"))
+                _warn(f"the choice cache {self.path} was made by {changed}; measuring again")
+            return {}
+        return entries
+
+    def get(self, key: str) -> Choice | None:
+        entry = self.entries.get(key)
+        return None if entry is None else Choice(**entry)
+
+    def put(self, key: str, choice: Choice) -> None:
+        self.entries[key] = asdict(choice)
+        merged = {**self._read(warn=False), **self.entries}
+        temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(json.dumps({"stamp": stamp(), "choices": merged}, indent=1))
+            os.replace(temporary, self.path)  # atomic: a reader never sees half a file
+        except OSError as error:
+            if not self._save_failed:
+                _warn(f"cannot save the choice cache {self.path} ({error}); keeping it in memory")
+            self._save_failed = True
+
+
+def _stamp_changes(old) -> str:
+    if not isinstance(old, dict):
+        return "an unknown version"
+    now = stamp()
+    changed = [f"{k} {old.get(k)} (now {now[k]})" for k in now if old.get(k) != now[k]]
+    return ", ".join(changed) or "another version"
+
+
+def _warn(message: str) -> None:
+    warnings.warn(f"fastunet: {message}", RuntimeWarning, stacklevel=4)
+
+
+@functools.cache
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def cache_file(device: torch.device) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(device)).strip("-").lower()
+    return cache_dir() / f"choices-{slug}.json"
+
+
+_caches: dict[Path, ChoiceCache] = {}
+# Every choice made in this process, by key: a key is measured or read once.
+_decided: dict[str, Choice] = {}
+# The (key, choice) of each call while `recording()` is active, else None.
+_recording: list[tuple[str, Choice]] | None = None
+
+
+def _cache_for(device: torch.device) -> ChoiceCache:
+    path = cache_file(device)
+    if path not in _caches:
+        _caches[path] = ChoiceCache(path)
+    return _caches[path]
+
+
+# ---------------------------------------------------------------- the choice
+
+
+def _is_training(args: tuple) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+
+
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        shape = "x".join(map(str, value.shape))
+        cl = value.dim() == 4 and memory_format_of(value) is CHANNELS_LAST
+        return shape + ("-nhwc" if cl else "")
+    return str(value)
+
+
+def layer_key(op: str, args: tuple) -> str:
+    """(device name, op, pass, dtype [+ autocast], each argument's shape and layout or value)."""
+    x = args[0]
+    parts = [device_name(x.device), op, "forward+backward" if _is_training(args) else "forward"]
+    parts.append(str(x.dtype).removeprefix("torch."))
+    if torch.is_autocast_enabled(x.device.type):
+        autocast = torch.get_autocast_dtype(x.device.type)
+        parts[-1] += "-autocast-" + str(autocast).removeprefix("torch.")
+    parts += [_describe(a) for a in args]
+    return "|".join(parts)
+
+
+def measure(op: str, fastunet_fn: Callable, args: tuple) -> dict[str, float]:
+    """Median ms of the fastunet op and of PyTorch's own path on these inputs: forward alone,
+    or forward and backward to the inputs that need gradients when the call records autograd."""
+    candidates = {"fastunet": fastunet_fn, "torch": TORCH_PATHS[op]}
+    device = args[0].device
+    if not _is_training(args):
+        with torch.no_grad():
+            return {
+                name: median_ms(lambda _, fn=fn: fn(*args), 1, device)
+                for name, fn in candidates.items()
+            }
+    # Fresh leaves, so the caller's tensors gather no gradient; ones as the output gradient,
+    # so the random number stream is left as it was.
+    leaves = tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, Tensor) else a
+                   for a in args)  # fmt: skip
+    needs_grad = [a for a in leaves if isinstance(a, Tensor) and a.requires_grad]
+    grad_out = torch.ones_like(fastunet_fn(*leaves))
+
+    def step(fn):
+        torch.autograd.grad(fn(*leaves), needs_grad, grad_out)
+
+    return {
+        name: median_ms(lambda _, fn=fn: step(fn), 1, device) for name, fn in candidates.items()
+    }
+
+
+def _rule(op: str, x: Tensor) -> Choice | None:
+    """The choices made without measuring (see the module docstring), or None."""
+    forced = forced_backend()
+    if forced != "auto":
+        return Choice("fastunet", f"forced by FASTUNET_BACKEND={forced}")
+    if x.device.type == "cpu":
+        return INTERPRETER_CHOICE if INTERPRET else CPU_CHOICE
+    return None
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def choose_path(op: str, fastunet_fn: Callable, args: tuple) -> Choice:
+    """Which path runs this call of `op`: a rule, this process's earlier choice, the cache on
+    disk, or a measurement now (which is then saved)."""
+    x = args[0]
+    rule = _rule(op, x)
+    if rule is not None:
+        return rule
+    backend = choose(op, x.device, x.dtype)
+    if backend.name in ("torch", "unsupported"):
+        return Choice("torch", f"no fastunet kernel serves it: {backend.reason}")
+    key = layer_key(op, args)
+    if key in _decided:
+        return _decided[key]
+    cache = _cache_for(x.device)
+    choice = cache.get(key)
+    if choice is None:
+        if _capturing(x.device):
+            return Choice("fastunet", "not measured yet, and nothing can be timed in a CUDA graph")
+        times = measure(op, fastunet_fn, args)
+        path = "fastunet" if times["fastunet"] < times["torch"] else "torch"
+        reason = f"measured: fastunet {times['fastunet']:.4g} ms, torch {times['torch']:.4g} ms"
+        choice = Choice(path, reason, times)
+        cache.put(key, choice)
+    _decided[key] = choice
+    return choice
+
+
+def run_layer(op: str, fastunet_fn: Callable, *args):
+    """`fastunet_fn(*args)` or PyTorch's own path for `op`, as this layer's choice says."""
+    if torch.compiler.is_compiling():  # traced, not run: the op goes into the graph
+        return fastunet_fn(*args)
+    choice = choose_path(op, fastunet_fn, args)
+    if _recording is not None:
+        _recording.append((layer_key(op, args), choice))
+    return (fastunet_fn if choice.path == "fastunet" else TORCH_PATHS[op])(*args)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[tuple[str, Choice]]]:
+    """Collects the (key, choice) of every layer call made inside the block."""
+    global _recording
+    outer, _recording = _recording, []
+    try:
+        yield _recording
+    finally:
+        _recording = outer
+
+
+def summarize(calls: list[tuple[str, Choice]]) -> dict[str, int]:
+    """How many calls took each path, e.g. {"fastunet": 14, "torch": 9}."""
+    counts = dict.fromkeys(PATHS, 0)
+    for _, choice in calls:
+        counts[choice.path] += 1
+    return counts
+
+
+def describe(device: torch.device) -> dict:
+    """For `fastunet info`: how layers on `device` are chosen, and the cache behind it."""
+    probe = torch.empty(0, device=device)
+    rule = _rule("conv2d_relu", probe)
+    path = cache_file(device)
+    return {
+        "rule": None if rule is None else f"{rule.path}: {rule.reason}",
+        "cache_file": str(path),
+        "cached": len(_cache_for(device).entries),
+    }
