@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+from helpers import KERNEL_DEVICE, assert_kernel_backend
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
@@ -27,6 +28,17 @@ def pytest_collection_modifyitems(config, items):
 def torch_backend(monkeypatch):
     """Force the torch composite for every op (FASTUNET_BACKEND=torch)."""
     monkeypatch.setenv("FASTUNET_BACKEND", "torch")
+
+
+@pytest.fixture(params=["kernels", "torch"])
+def backend(request):
+    """Run the test on each backend: "kernels" (the Triton kernels, in the interpreter without a
+    GPU, and `_C` for max-pool) and "torch" (the composite, FASTUNET_BACKEND=torch)."""
+    if request.param == "torch":
+        request.getfixturevalue("torch_backend")
+    else:
+        assert_kernel_backend("conv2d_relu", KERNEL_DEVICE, torch.float32)
+    return request.param
 
 
 @pytest.fixture(autouse=True)

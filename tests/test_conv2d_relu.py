@@ -6,12 +6,13 @@ UNet's real shapes in every dtype, against a float64 reference.
 
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import (
     KERNEL_DEVICE,
     assert_kernel_backend,
     assert_parity,
+    output_and_grads,
     poison_allocations,
+    torch_conv2d_relu,
 )
 
 from fastunet import ops
@@ -20,18 +21,8 @@ from fastunet.bench.shapes import unet_shapes
 
 
 def conv_relu_with_grads(conv, x, weight, bias, padding, relu, grad_out):
-    """Output and (grad_x, grad_weight, grad_bias) of conv(...) then ReLU, by autograd."""
-    leaves = [t.detach().clone().requires_grad_() for t in (x, weight)]
-    leaves.append(None if bias is None else bias.detach().clone().requires_grad_())
-    out = conv(*leaves, padding, relu)
-    out.backward(grad_out.to(out.dtype))
-    grads = [None if t is None else t.grad for t in leaves]
-    return [out.detach(), *grads]
-
-
-def torch_conv_relu(x, weight, bias, padding, relu):
-    out = F.conv2d(x, weight, bias, padding=padding)
-    return F.relu(out) if relu else out
+    """[out, grad_x, grad_weight, grad_bias] of conv(x, weight, bias, padding, relu)."""
+    return output_and_grads(conv, (x, weight, bias), grad_out, padding, relu)
 
 
 def make_case(batch, c_in, c_out, h, w, kernel, bias, dtype, device, layout="contiguous"):
@@ -53,8 +44,8 @@ def check_against_float64(x, weight, bias, padding, relu, fp32_tolerance=1e-5):
     grad_out = torch.randn(x.shape[0], weight.shape[0], h_out, w_out, device=x.device)
     ours = conv_relu_with_grads(ops.conv2d_relu, x, weight, bias, padding, relu, grad_out)
     as64 = [None if t is None else t.double() for t in (x, weight, bias)]
-    truth = conv_relu_with_grads(torch_conv_relu, *as64, padding, relu, grad_out)
-    mine = conv_relu_with_grads(torch_conv_relu, x, weight, bias, padding, relu, grad_out)
+    truth = conv_relu_with_grads(torch_conv2d_relu, *as64, padding, relu, grad_out)
+    mine = conv_relu_with_grads(torch_conv2d_relu, x, weight, bias, padding, relu, grad_out)
     names = ["output", "grad_input", "grad_weight", "grad_bias"]
     for name, got, expected, torch_got in zip(names, ours, truth, mine, strict=True):
         if expected is None:
@@ -104,7 +95,7 @@ def test_expanded_grad_output_and_frozen_input():
     weight.requires_grad_()
     ops.conv2d_relu(x, weight, bias).sum().backward()
     expected = weight.detach().clone().requires_grad_()
-    torch_conv_relu(x, expected, bias, 1, True).sum().backward()
+    torch_conv2d_relu(x, expected, bias, 1, True).sum().backward()
     assert relative_error(weight.grad, expected.grad) <= 1e-5
 
 
@@ -112,7 +103,7 @@ def test_expanded_grad_output_and_frozen_input():
 def test_nan_and_inf_propagate_like_torch(value):
     x, weight, bias = make_case(1, 3, 4, 6, 6, 3, True, torch.float32, KERNEL_DEVICE)
     x[0, 1, 2, 3] = value
-    out, expected = ops.conv2d_relu(x, weight, bias), torch_conv_relu(x, weight, bias, 1, True)
+    out, expected = ops.conv2d_relu(x, weight, bias), torch_conv2d_relu(x, weight, bias, 1, True)
     assert torch.equal(out.isnan(), expected.isnan())
     assert torch.equal(out.isinf(), expected.isinf())
 
@@ -166,8 +157,8 @@ def test_tf32_follows_cudnn_setting(name, monkeypatch):
         shape.kernel, True, torch.float32, "cuda", "channels_last",
     )  # fmt: skip
     out = ops.conv2d_relu(x, weight, bias, shape.padding)
-    truth = torch_conv_relu(x.double(), weight.double(), bias.double(), shape.padding, True)
-    assert_parity(out, torch_conv_relu(x, weight, bias, shape.padding, True), truth, floor=1e-4)
+    truth = torch_conv2d_relu(x.double(), weight.double(), bias.double(), shape.padding, True)
+    assert_parity(out, torch_conv2d_relu(x, weight, bias, shape.padding, True), truth, floor=1e-4)
 
 
 @pytest.mark.gpu
@@ -195,5 +186,5 @@ def test_batch_beyond_int32_offsets_on_gpu():
     weight = torch.randn(64, 64, 3, 3, device="cuda", dtype=torch.bfloat16) / 24
     out = ops.conv2d_relu(x, weight, None)
     tail = slice(-2, None)  # the images past the 2**31-element mark
-    expected = torch_conv_relu(x[tail].float(), weight.float(), None, 1, True)
+    expected = torch_conv2d_relu(x[tail].float(), weight.float(), None, 1, True)
     assert relative_error(out[tail], expected) <= 1e-2

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_same_bits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,7 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-INTS = {2: torch.int16, 4: torch.int32}
 NAN, INF = float("nan"), float("inf")
 
 
@@ -80,18 +80,6 @@ def ours(x, grad):
     out, argmax = ops.max_pool2d_with_argmax(x)
     (grad_in,) = torch.autograd.grad(out, x, grad)
     return out, argmax, grad_in
-
-
-def assert_same_bits(actual, expected):
-    """Bit for bit (+0.0 is not -0.0), except that any NaN matches any NaN: PyTorch's fp16 and
-    bf16 max-pool re-encode a NaN's payload, where _C copies the input's bits."""
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    nan = expected.isnan()
-    assert torch.equal(actual.isnan(), nan)
-    ints = INTS[actual.element_size()]
-    assert torch.equal(
-        actual.view(ints).masked_fill(nan, 0), expected.view(ints).masked_fill(nan, 0)
-    )
 
 
 def check_against_pytorch(x, grad):

@@ -16,7 +16,13 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import KERNEL_DEVICE, assert_kernel_backend
+from helpers import (
+    KERNEL_DEVICE,
+    assert_kernel_backend,
+    in_layout,
+    output_and_grads,
+    torch_upsample_concat,
+)
 
 from fastunet import ops
 from fastunet.kernels import upsample_concat as kernels
@@ -69,16 +75,9 @@ def upsample_concat(x, skip, mode, align_corners):
     return ops.upsample_concat(x, skip, mode, align_corners)
 
 
-def pytorch_upsample_concat(x, skip, mode, align_corners):
-    kwargs = {} if mode == "nearest" else {"align_corners": align_corners}
-    return torch.cat([skip, F.interpolate(x, size=skip.shape[-2:], mode=mode, **kwargs)], 1)
-
-
 def forward_and_grads(function, x, skip, grad_out, mode, align_corners):
-    """(out, grad_x, grad_skip) of function(x, skip, mode, align_corners) given grad_out."""
-    x, skip = x.detach().requires_grad_(), skip.detach().requires_grad_()
-    out = function(x, skip, mode, align_corners)
-    return (out.detach(), *torch.autograd.grad(out, (x, skip), grad_out))
+    """[out, grad_x, grad_skip] of function(x, skip, mode, align_corners) given grad_out."""
+    return output_and_grads(function, (x, skip), grad_out, mode, align_corners)
 
 
 def random_case(x_shape, skip_shape, dtype, device=KERNEL_DEVICE):
@@ -104,7 +103,7 @@ def assert_parity(ours, pytorch, exact):
 def check_against_pytorch(x, skip, grad_out, mode, align_corners, fp32_tight=True):
     """Forward and both gradients of the op against PyTorch's, by the rules of the docstring."""
     ours = forward_and_grads(upsample_concat, x, skip, grad_out, mode, align_corners)
-    pytorch = forward_and_grads(pytorch_upsample_concat, x, skip, grad_out, mode, align_corners)
+    pytorch = forward_and_grads(torch_upsample_concat, x, skip, grad_out, mode, align_corners)
     out, grad_x, grad_skip = ours
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(grad_skip, pytorch[2])  # a slice of grad_out
@@ -114,7 +113,7 @@ def check_against_pytorch(x, skip, grad_out, mode, align_corners, fp32_tight=Tru
         torch.testing.assert_close(out, pytorch[0], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(grad_x, pytorch[1], rtol=1e-5, atol=1e-6)
     exact = forward_and_grads(
-        pytorch_upsample_concat, x.double(), skip.double(), grad_out.double(), mode, align_corners
+        torch_upsample_concat, x.double(), skip.double(), grad_out.double(), mode, align_corners
     )
     assert_parity(ours, pytorch, exact)
 
@@ -124,19 +123,6 @@ def check_against_pytorch(x, skip, grad_out, mode, align_corners, fp32_tight=Tru
 @pytest.mark.parametrize("mode,align_corners", MODES, ids=MODE_IDS)
 def test_matches_pytorch(mode, align_corners, shapes, dtype):
     check_against_pytorch(*random_case(*shapes, dtype), mode, align_corners)
-
-
-def in_layout(t, layout):
-    """t stored contiguous, channels_last, or as a strided view into a NaN-filled buffer."""
-    if layout == "contiguous":
-        return t.contiguous()
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    n, c, h, w = t.shape
-    buffer = torch.full((n, 2 * c, h + 1, 2 * w), float("nan"), dtype=t.dtype, device=t.device)
-    view = buffer[:, 1::2, 1:, ::2]
-    view.copy_(t)
-    return view
 
 
 @pytest.mark.parametrize("mode,align_corners", MODES, ids=MODE_IDS)
@@ -154,7 +140,7 @@ def test_input_layouts_give_the_same_bits(mode, align_corners):
 def test_launchers_write_every_element_of_any_output_layout(mode, align_corners):
     x, skip, grad_out = random_case(*SIZES["odd"], torch.float32)
     expected_out, expected_grad_x, _ = forward_and_grads(
-        pytorch_upsample_concat, x, skip, grad_out, mode, align_corners
+        torch_upsample_concat, x, skip, grad_out, mode, align_corners
     )
     for layout in ("contiguous", "channels_last", "strided"):
         out = in_layout(torch.full_like(expected_out, float("nan")), layout)
@@ -186,7 +172,7 @@ def test_nan_and_inf_propagate_as_in_pytorch(mode, align_corners):
         float("inf"), float("nan"), float("-inf")
     )  # fmt: skip
     ours = forward_and_grads(upsample_concat, x, skip, grad_out, mode, align_corners)
-    pytorch = forward_and_grads(pytorch_upsample_concat, x, skip, grad_out, mode, align_corners)
+    pytorch = forward_and_grads(torch_upsample_concat, x, skip, grad_out, mode, align_corners)
     for o, p in zip(ours, pytorch, strict=True):
         assert not p.isfinite().all()  # the case does test non-finite values
         torch.testing.assert_close(o, p, rtol=1e-5, atol=1e-6, equal_nan=True)
@@ -221,7 +207,7 @@ def test_batch_of_zero_launches_nothing(monkeypatch, mode, align_corners):
 def test_empty_x_or_output_size_is_an_error_as_in_pytorch(x_shape, skip_shape, match):
     x, skip, _ = random_case(x_shape, skip_shape, torch.float32)
     with pytest.raises(RuntimeError):
-        pytorch_upsample_concat(x, skip, "nearest", False)
+        torch_upsample_concat(x, skip, "nearest", False)
     with pytest.raises(ValueError, match=match):
         upsample_concat(x, skip, "nearest", False)
 
@@ -305,7 +291,7 @@ def check_last_image(x_shape, skip_shape, mode, align_corners, device):
     last = slice(x_shape[0] - 1, x_shape[0])
     grad_out = torch.ones_like(out[last], dtype=torch.float32)
     expected, expected_grad, _ = forward_and_grads(
-        pytorch_upsample_concat, x[last].detach().float(), skip[last].float(), grad_out, mode,
+        torch_upsample_concat, x[last].detach().float(), skip[last].float(), grad_out, mode,
         align_corners,
     )  # fmt: skip
     assert torch.allclose(out[last].float(), expected, rtol=1e-2, atol=1e-2)
