@@ -10,6 +10,10 @@ implicit im2col matrix is a masked, contiguous load per pixel. Every kernel accu
 - grad_weight: dW[co, k] = sum_m grad[m, co] * A[m, k], a reduction over N*H*W split into
                SPLIT slices that fill the GPU; the slices are summed in a fixed order (no atomics).
 - relu_grad:   the ReLU mask applied to grad_output, with the bias gradient from the same pass.
+
+Addressing: x is read through its strides (any channels_last tensor); every other operand is
+indexed by its shape, so the launchers make it dense first (weight and bias contiguous, grad and
+out channels_last).
 """
 
 from __future__ import annotations
@@ -305,6 +309,8 @@ def forward(x, weight, bias, padding: int, relu: bool) -> torch.Tensor:
     if out.numel() == 0:
         return out
     weight_khwc = weight.permute(0, 2, 3, 1).contiguous()
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads bias[co] at offset co: no view, no stride 0
     return _launch_conv(_channels_last(x), weight_khwc, bias, out, padding, padding, relu)
 
 
