@@ -241,7 +241,7 @@ def _relu_grad_kernel(
     grad_out_ptr, out_ptr, grad_ptr, bias_partial_ptr, M, C,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """grad = grad_out where out > 0 else 0 ([M, C] row-major), and per-block column sums."""
+    """grad = 0 where out <= 0 else grad_out ([M, C] row-major), and per-block column sums."""
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -249,7 +249,7 @@ def _relu_grad_kernel(
     offsets = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
     grad_out = tl.load(grad_out_ptr + offsets, mask=mask, other=0.0)
     out = tl.load(out_ptr + offsets, mask=mask, other=0.0)
-    grad = tl.where(out > 0, grad_out, 0.0)
+    grad = tl.where(out <= 0, 0.0, grad_out)  # a NaN output passes the gradient, as in PyTorch
     tl.store(grad_ptr + offsets, grad, mask=mask)
     column_sums = tl.sum(grad.to(tl.float32), axis=0)
     tl.store(bias_partial_ptr + pid_m * C + offs_c, column_sums, mask=offs_c < C)
@@ -383,7 +383,7 @@ RELU_GRAD_BLOCK_M = 64
 
 
 def relu_grad(grad_out, out) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_out masked by out > 0, channels_last; its sum over N, H, W for the bias)."""
+    """(grad_out, zero where out <= 0, channels_last; its sum over N, H, W for the bias)."""
     n, c, h, w = out.shape
     grad_out, out = _channels_last(grad_out), _channels_last(out)
     grad = torch.empty_like(out, memory_format=torch.channels_last)

@@ -99,7 +99,9 @@ def conv2d_relu_grad_output(grad_out: Tensor, out: Tensor) -> tuple[Tensor, Tens
     if kernels := _triton_kernels(out):
         with kernel_device(out):
             return kernels.relu_grad(grad_out, out)
-    grad = torch.where(out > 0, grad_out, 0).contiguous(memory_format=CHANNELS_LAST)
+    # Zero where out <= 0, not "keep where out > 0": a NaN output passes the gradient, as in
+    # PyTorch's threshold_backward.
+    grad = torch.where(out <= 0, 0, grad_out).contiguous(memory_format=CHANNELS_LAST)
     return grad, grad.sum((0, 2, 3), dtype=torch.float32).to(grad.dtype)
 
 
