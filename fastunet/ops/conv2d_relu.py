@@ -64,6 +64,11 @@ def _upcast(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.to(_compute_dtype(t.dtype))
 
 
+def _bias_grad(grad: Tensor) -> Tensor:
+    """grad summed over N, H, W in fp32, or in float64 for float64."""
+    return grad.sum((0, 2, 3), dtype=_compute_dtype(grad.dtype)).to(grad.dtype)
+
+
 def _triton_kernels(t: Tensor):
     """The Triton launchers if they serve this tensor (imported on first use), else None."""
     if not choose(OP, t.device, t.dtype).is_triton:
@@ -102,7 +107,7 @@ def conv2d_relu_grad_output(grad_out: Tensor, out: Tensor) -> tuple[Tensor, Tens
     # Zero where out <= 0, not "keep where out > 0": a NaN output passes the gradient, as in
     # PyTorch's threshold_backward.
     grad = torch.where(out <= 0, 0, grad_out).contiguous(memory_format=CHANNELS_LAST)
-    return grad, grad.sum((0, 2, 3), dtype=torch.float32).to(grad.dtype)
+    return grad, _bias_grad(grad)
 
 
 @conv2d_relu_grad_output.register_fake
@@ -164,7 +169,7 @@ def _backward(ctx, grad_out):
     else:
         grad = grad_out
         if need_bias:
-            grad_bias = grad_out.sum((0, 2, 3), dtype=torch.float32).to(grad_out.dtype)
+            grad_bias = _bias_grad(grad_out)
     grad_x = grad_w = None
     if need_x:
         grad_x = conv2d_grad_input(grad, weight, x.shape[2], x.shape[3], ctx.padding)
