@@ -53,7 +53,12 @@ def axis_tables(
 ) -> AxisTables:
     """PyTorch's source indices and weights for one axis, computed in fp32 as PyTorch does."""
     dst = torch.arange(out_size, dtype=torch.float32)
-    if mode == "nearest":
+    if mode == "bilinear" and in_size == out_size:
+        # compute_source_index_and_lambda copies an axis whose size does not change: src1 is src0
+        # (weight 0), so a NaN or inf never leaks into a neighbour, forward or backward.
+        src0 = src1 = dst.to(torch.int32)
+        lambda1 = torch.zeros(out_size)
+    elif mode == "nearest":
         # nearest_neighbor_compute_source_index: min(floor(dst * (in / out)), in - 1).
         scale = _fp32(in_size) / _fp32(out_size)
         src0 = torch.floor(dst * scale).clamp_(max=in_size - 1).to(torch.int32)
