@@ -92,6 +92,9 @@ def _autotune(configs, key):
         key=key,
         prune_configs_by={"early_config_prune": _prune_configs},
         do_bench=_tuning_bench,
+        # Kept in Triton's cache (keyed by the kernel source, Triton version, GPU and shape): a
+        # new process neither re-tunes nor picks other tiles, so its bits stay the same.
+        cache_results=True,
     )
 
 
