@@ -1,0 +1,196 @@
+"""What `accelerate` puts in place of torch.nn layers, and the functions its traced forwards call.
+
+Every replacement computes what it replaces, keeps its parameter and buffer names, and runs the
+fastunet op through the per-layer choice (`run_layer`), so a layer is never slower than PyTorch's.
+Inputs the op does not take (not 4-D, not floating point, mixed dtypes) run PyTorch's path.
+
+Outputs have the memory format the replaced layer's would have (the input's, as nn.Conv2d and
+torch.cat give), though the ops compute channels_last: the PyTorch layers that run between
+fastunet's then see what they see in the original model, so a dropout draws the same mask and a
+training-mode BatchNorm sums in the same order. A model given channels_last input runs without
+layout copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastunet import ops
+from fastunet.ops._choice import run_layer
+from fastunet.ops._common import memory_format_of
+
+
+def batch_norm_folds(batch_norm: nn.BatchNorm2d) -> bool:
+    """True when the BatchNorm2d is a fixed affine map now: eval mode with running statistics."""
+    return not batch_norm.training and batch_norm.running_mean is not None
+
+
+def fold_batch_norm(
+    weight: Tensor, bias: Tensor | None, batch_norm: nn.BatchNorm2d
+) -> tuple[Tensor, Tensor]:
+    """The convolution weight and bias that compute conv followed by the (eval) BatchNorm2d.
+
+    Done at call time with differentiable ops, so the BN's own parameters get their gradients
+    and its state_dict entries stay where they are."""
+    scale = torch.rsqrt(batch_norm.running_var + batch_norm.eps)
+    if batch_norm.weight is not None:
+        scale = scale * batch_norm.weight
+    shift = -batch_norm.running_mean if bias is None else bias - batch_norm.running_mean
+    shift = shift * scale
+    if batch_norm.bias is not None:
+        shift = shift + batch_norm.bias
+    return weight * scale.reshape(-1, 1, 1, 1), shift
+
+
+def _activation(x: Tensor, negative_slope: float | None) -> Tensor:
+    if negative_slope is None:
+        return x
+    return F.relu(x) if negative_slope == 0 else F.leaky_relu(x, negative_slope)
+
+
+@dataclass(eq=False)
+class Chain:
+    """What follows a convolution in a Sequential and is folded into its op: at most one
+    BatchNorm2d, no-ops (Identity, Dropout) and an activation (`negative_slope`: None for none,
+    0.0 for ReLU)."""
+
+    batch_norm: nn.BatchNorm2d | None
+    noops: tuple[nn.Module, ...]
+    negative_slope: float | None
+
+    def folds_now(self) -> bool:
+        """Whether the followers are a fixed function now; while they are not (BN in training,
+        dropout active), the convolution runs alone and they run themselves."""
+        if self.batch_norm is not None and not batch_norm_folds(self.batch_norm):
+            return False
+        return all(
+            not (isinstance(m, nn.Dropout | nn.Dropout2d) and m.training and m.p > 0)
+            for m in self.noops
+        )
+
+    def describe(self) -> str:
+        steps = ["conv2d"]
+        if self.batch_norm is not None:
+            steps.append("batch_norm2d (folded in eval)")
+        steps += [type(m).__name__ for m in self.noops]
+        if self.negative_slope == 0:
+            steps.append("relu")
+        elif self.negative_slope is not None:
+            steps.append(f"leaky_relu({self.negative_slope:g})")
+        return " + ".join(steps)
+
+
+class FusedConv2d(nn.Conv2d):
+    """nn.Conv2d (stride 1, zero padding) on fastunet's conv op, with the Chain after it in a
+    Sequential computed by the same op while the chain folds. Same parameters as the Conv2d."""
+
+    chain: Chain | None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, padding: int, chain: Chain | None) -> FusedConv2d:
+        fused = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, padding=padding,
+            bias=conv.bias is not None, device="meta",
+        )  # fmt: skip
+        fused.weight, fused.bias = conv.weight, conv.bias
+        fused.chain = chain
+        return fused.train(conv.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        chain = self.chain
+        if chain is not None and chain.folds_now():
+            return self.run(x, chain.batch_norm, chain.negative_slope)
+        return self.run(x, None, None)
+
+    def run(
+        self, x: Tensor, batch_norm: nn.BatchNorm2d | None, negative_slope: float | None
+    ) -> Tensor:
+        """activation(batch_norm(conv(x))) in one op; batch_norm must fold (eval) or be None."""
+        weight, bias = self.weight, self.bias
+        if batch_norm is not None:
+            weight, bias = fold_batch_norm(weight, bias, batch_norm)
+        if x.dim() != 4 or not x.is_floating_point():
+            return _activation(F.conv2d(x, weight, bias, padding=self.padding), negative_slope)
+        out = run_layer(
+            "conv2d_relu", ops.conv2d_relu, x, weight, bias, self.padding[0],
+            negative_slope == 0,
+        ).contiguous(memory_format=memory_format_of(x))  # fmt: skip
+        # LeakyReLU goes into the op's epilogue once the op has one; until then it runs after.
+        return _activation(out, negative_slope) if negative_slope else out
+
+    def extra_repr(self) -> str:
+        folded = f", folds={self.chain.describe()!r}" if self.chain is not None else ""
+        return super().extra_repr() + folded
+
+
+class _FoldedInto:
+    """Mixin for a layer of a Chain: it passes its input through while the convolution before
+    it computes it, and runs as itself otherwise."""
+
+    fastunet_chain: Chain
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x if self.fastunet_chain.folds_now() else super().forward(x)
+
+
+class FoldedBatchNorm2d(_FoldedInto, nn.BatchNorm2d):
+    """nn.BatchNorm2d folded into the FusedConv2d before it while in eval mode."""
+
+
+class FoldedReLU(_FoldedInto, nn.ReLU):
+    """nn.ReLU computed by the FusedConv2d before it while its chain folds."""
+
+
+class FoldedLeakyReLU(_FoldedInto, nn.LeakyReLU):
+    """nn.LeakyReLU computed by the FusedConv2d before it while its chain folds."""
+
+
+FOLDED = {
+    nn.BatchNorm2d: FoldedBatchNorm2d,
+    nn.ReLU: FoldedReLU,
+    nn.LeakyReLU: FoldedLeakyReLU,
+}
+
+
+class AcceleratedMaxPool2d(nn.MaxPool2d):
+    """nn.MaxPool2d(2) on fastunet's max-pool op."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return max_pool2d(x) if x.dim() == 4 else super().forward(x)
+
+
+# ---------------------------------------------------------------- called by traced forwards
+
+
+def max_pool2d(x: Tensor) -> Tensor:
+    """`F.max_pool2d(x, 2)`."""
+    if x.is_floating_point():
+        return run_layer("max_pool2d", ops.max_pool2d, x)
+    return F.max_pool2d(x, 2)
+
+
+def upsample_concat(
+    x: Tensor, skip: Tensor, mode: str, align_corners: bool, skip_first: bool
+) -> Tensor:
+    """`cat([skip, up], 1)` (or `[up, skip]`) where up interpolates x to skip's height and
+    width."""
+    if skip_first and x.dtype == skip.dtype and x.is_floating_point() and skip.dim() == 4:
+        out = run_layer("upsample_concat", ops.upsample_concat, x, skip, mode, align_corners)
+        return out.contiguous(memory_format=memory_format_of(skip))
+    aligned = align_corners if mode == "bilinear" else None
+    up = F.interpolate(x, size=skip.shape[-2:], mode=mode, align_corners=aligned)
+    return torch.cat([skip, up] if skip_first else [up, skip], 1)
+
+
+def conv_chain(
+    x: Tensor, conv: FusedConv2d, batch_norm: nn.BatchNorm2d | None, negative_slope: float | None
+) -> Tensor:
+    """activation(batch_norm(conv(x))) as a traced forward wrote it: one op while the
+    BatchNorm2d folds (eval), else each step as itself."""
+    if batch_norm is None or batch_norm_folds(batch_norm):
+        return conv.run(x, batch_norm, negative_slope)
+    return _activation(batch_norm(conv(x)), negative_slope)

@@ -1,0 +1,664 @@
+"""accelerate's traced forwards: the UNet patterns in a module's own forward code.
+
+A decoder block's upsample + pad + cat is written in Python, often with branches on tensor
+shapes (MONAI's UpCat pads only where sizes differ) or on optional arguments (a last block
+without a skip). torch.fx traces such code wrongly or not at all: a shape comparison on a Proxy
+raises, and `isinstance(proxy, torch.Tensor)` is False, so fx silently takes MONAI's no-skip
+branch. So the forward is traced per call signature (input shapes, dtypes, devices, which
+arguments are None, the scalar arguments, training, grad and autocast mode), right after the first
+call with that signature has run as written:
+
+- that call records the output shape of each layer it calls (forward hooks);
+- fx then traces the forward with those shapes concrete: `x.shape`, `x.size()`, `x.dim()` (and
+  for inputs, layers' outputs and parameters `x.dtype` and `x.device`) are values and
+  `isinstance(x, torch.Tensor)` is True, so Python branches go the way the real call went; tensor
+  values stay symbolic, so a branch on a value fails the trace, and that signature keeps running
+  the forward as written;
+- the graph's patterns are rewritten onto fastunet's ops and the code is generated once; later
+  calls with the signature run it, bound to the live module (so `.to()`, `load_state_dict` and
+  train/eval apply).
+
+Under torch.compile nothing is traced: a signature already seen runs its generated code (dynamo
+inlines it), any other runs the forward as written.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastunet._accelerate.modules import FusedConv2d, conv_chain, max_pool2d, upsample_concat
+from fastunet._accelerate.report import LEFT, AccelerationReport
+from fastunet._accelerate.swap import CONV_OP, POOL_OP, has_hooks, is_plain_sequential
+
+UPSAMPLE_OP = "fastunet::upsample_concat"
+# A forward is traced only if its code names one of these (by attribute or global name).
+PATTERN_NAMES = frozenset(
+    {"cat", "concat", "concatenate", "max_pool2d", "relu", "relu_", "leaky_relu", "leaky_relu_"}
+)
+# Traced signatures per module; calls with further ones run the forward as written.
+MAX_SIGNATURES = 16
+# node.meta keys: the node's value on the meta device (for its shape), and the device of a
+# tensor the real call had (an input, a layer's output, an attribute), whose dtype is then real
+# too; a torch function's result on the meta device may not have the real dtype (autocast).
+META, DEVICE = "fastunet_meta", "fastunet_device"
+
+
+class _Missing:
+    """A node's value that could not be computed on the meta device."""
+
+
+MISSING = _Missing()
+
+
+# ---------------------------------------------------------------- which forwards, which calls
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+# Forwards never traced: torch's layers, and fastunet's own (already on the ops).
+OWN_MODULES = ("torch.", "fastunet.nn", "fastunet._accelerate")
+
+
+def wants_trace(module: nn.Module) -> bool:
+    """A forward of the user's that may hold a pattern."""
+    cls = type(module)
+    if cls.__module__.startswith(OWN_MODULES) or is_plain_sequential(module):
+        return False
+    code = getattr(cls.forward, "__code__", None)
+    return (
+        code is not None
+        and "forward" not in vars(module)
+        and bool(_code_names(code) & PATTERN_NAMES)
+    )
+
+
+_REQUIRED = inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A forward's parameters after self: names and defaults, to bind a call without inspect
+    (which torch.compile does not trace)."""
+
+    names: tuple[str, ...]
+    defaults: tuple
+
+    @classmethod
+    def of(cls, forward: Callable) -> Signature | None:
+        """None when the forward takes *args, **kwargs or keyword-only arguments."""
+        parameters = list(inspect.signature(forward).parameters.values())[1:]
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        if any(p.kind not in positional for p in parameters):
+            return None
+        return cls(tuple(p.name for p in parameters), tuple(p.default for p in parameters))
+
+    def bind(self, args: tuple, kwargs: dict) -> tuple | None:
+        """The argument values in parameter order, or None if the call does not fit."""
+        if len(args) > len(self.names):
+            return None
+        values, used = list(args), 0
+        rest = zip(self.names[len(args) :], self.defaults[len(args) :], strict=True)
+        for name, default in rest:
+            if name in kwargs:
+                values.append(kwargs[name])
+                used += 1
+            elif default is _REQUIRED:
+                return None
+            else:
+                values.append(default)
+        return tuple(values) if used == len(kwargs) else None
+
+
+def call_key(module: nn.Module, values: tuple) -> tuple | None:
+    """What a traced graph depends on besides the module's configuration; None for arguments
+    other than tensors, None and scalars (such a call runs the forward as written)."""
+    key = [
+        module.training,
+        torch.is_grad_enabled(),
+        torch.is_autocast_enabled("cpu"),
+        torch.is_autocast_enabled("cuda"),
+    ]
+    for value in values:
+        if isinstance(value, Tensor):
+            key.append((value.shape, value.dtype, value.device))
+        elif value is None or isinstance(value, bool | int | float | str):
+            key.append(value)
+        else:
+            return None
+    return tuple(key)
+
+
+# ---------------------------------------------------------------- tracing with concrete shapes
+
+
+def _to_meta(value):
+    if isinstance(value, Tensor):
+        return torch.empty_like(value, device="meta")
+    if isinstance(value, tuple | list):
+        return type(value)(_to_meta(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_meta(v) for k, v in value.items()}
+    return value
+
+
+def trace_leaves(module: nn.Module) -> list[nn.Module]:
+    """The modules a trace of module's forward records as calls: its children, with plain
+    Sequentials, ModuleLists and ModuleDicts looked through."""
+    leaves: dict[int, nn.Module] = {}
+    for child in module.children():
+        if is_plain_sequential(child) or isinstance(child, nn.ModuleList | nn.ModuleDict):
+            leaves.update((id(m), m) for m in trace_leaves(child))
+        else:
+            leaves[id(child)] = child
+    return list(leaves.values())
+
+
+class _ShapedProxy(fx.Proxy):
+    """A Proxy that answers shape questions with the shape the real call had."""
+
+    # isinstance(x, nn.Parameter) and nn.Buffer read these from anything that is a Tensor.
+    _is_param = _is_buffer = False
+
+    def _meta_tensor(self) -> Tensor:
+        value = self.node.meta.get(META, MISSING)
+        if not isinstance(value, Tensor):
+            raise fx.proxy.TraceError(f"the shape of {self.node.name} is not known")
+        return value
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._meta_tensor().shape
+
+    @property
+    def ndim(self) -> int:
+        return self._meta_tensor().ndim
+
+    def size(self, dim: int | None = None):
+        return self._meta_tensor().size() if dim is None else self._meta_tensor().size(dim)
+
+    def dim(self) -> int:
+        return self._meta_tensor().dim()
+
+    def numel(self) -> int:
+        return self._meta_tensor().numel()
+
+    def __len__(self) -> int:
+        return len(self._meta_tensor())
+
+    def _real(self) -> Tensor | None:
+        """The meta tensor when its dtype is the real call's; its device is node.meta[DEVICE]."""
+        return self._meta_tensor() if DEVICE in self.node.meta else None
+
+    @property
+    def dtype(self):
+        real = self._real()
+        return fx.Proxy.__getattr__(self, "dtype") if real is None else real.dtype
+
+    @property
+    def device(self):
+        real = self._real()
+        return fx.Proxy.__getattr__(self, "device") if real is None else self.node.meta[DEVICE]
+
+    @property
+    def is_cuda(self):
+        real = self._real()
+        return fx.Proxy.__getattr__(self, "is_cuda") if real is None else self.device.type == "cuda"
+
+    def is_floating_point(self):
+        real = self._real()
+        if real is None:
+            return fx.Proxy.__getattr__(self, "is_floating_point")()
+        return real.is_floating_point()
+
+    @property
+    def __class__(self):
+        # isinstance(x, torch.Tensor) as in the real call (fx's own isinstance(x, Proxy) checks
+        # look at the real type and still see a Proxy).
+        return Tensor if isinstance(self.node.meta.get(META), Tensor) else _ShapedProxy
+
+
+def _submodule(root: nn.Module, target: str) -> nn.Module:
+    """root.get_submodule(target) without getattr, which fx patches while it traces."""
+    return functools.reduce(lambda m, name: m._modules[name], filter(None, target.split(".")), root)
+
+
+def _device(value) -> torch.device | None:
+    return value.device if isinstance(value, Tensor) else None
+
+
+def _has_missing(value) -> bool:
+    found = []
+    fx.node.map_aggregate(value, lambda v: found.append(v) if v is MISSING else v)
+    return bool(found)
+
+
+class _ShapeTracer(fx.Tracer):
+    """fx's tracer, with each node's value computed on the meta device as it is recorded:
+    layers' outputs come from the recorded real call, torch functions run on meta tensors."""
+
+    def __init__(self, values: tuple, records: list):
+        super().__init__(param_shapes_constant=True)
+        self.values, self.records = list(values), list(records)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return not is_plain_sequential(m)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ShapedProxy(node, self)
+
+    def create_arg(self, a):
+        # Before fx's own isinstance(a, torch.Tensor) check, which a _ShapedProxy passes.
+        return a.node if type(a) is _ShapedProxy else super().create_arg(a)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, *rest):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, *rest)
+        node = proxy.node
+        real = self._real_value(node)
+        if real is None:
+            node.meta[META] = self._meta_value(node)
+        else:
+            node.meta[META], device = real
+            if device is not None:
+                node.meta[DEVICE] = device
+        return proxy
+
+    def _real_value(self, node: fx.Node) -> tuple | None:
+        """(meta value, device or None) of what the real call had at this node, for inputs,
+        layers' outputs (as recorded) and attributes; None for other nodes."""
+        if node.op == "placeholder":
+            value = self.values.pop(0)
+            return _to_meta(value), _device(value)
+        if node.op == "call_module":
+            layer = _submodule(self.root, node.target)
+            if not self.records or self.records[0][0] is not layer:
+                raise fx.proxy.TraceError(f"{node.target} is not the layer the call ran next")
+            return self.records.pop(0)[1:]
+        if node.op == "get_attr":
+            *path, name = node.target.split(".")
+            owner = _submodule(self.root, ".".join(path))
+            value = {**vars(owner), **owner._buffers, **owner._parameters}[name]
+            return _to_meta(value), _device(value)
+        return None
+
+    def _meta_value(self, node: fx.Node):
+        """A torch function's result, computed on the meta values of its arguments."""
+        args, kwargs = fx.node.map_arg(
+            (node.args, node.kwargs), lambda n: n.meta.get(META, MISSING)
+        )
+        if _has_missing((args, kwargs)):
+            return MISSING
+        try:
+            if node.op == "call_function":
+                return node.target(*args, **kwargs)
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        except Exception:  # an op the meta device does not run: its shape stays unknown
+            return MISSING
+
+
+# ---------------------------------------------------------------- the rewrites
+
+
+def _meta(node) -> Tensor | None:
+    value = node.meta.get(META) if isinstance(node, fx.Node) else None
+    return value if isinstance(value, Tensor) else None
+
+
+def _is_4d(node) -> bool:
+    value = _meta(node)
+    return value is not None and value.dim() == 4
+
+
+def _arguments(node: fx.Node, names: tuple[str, ...], defaults: dict) -> dict | None:
+    """node's arguments by name; None when they do not fit `names`."""
+    if len(node.args) > len(names) or set(node.kwargs) - set(names):
+        return None
+    bound = {**defaults, **dict(zip(names, node.args, strict=False)), **node.kwargs}
+    return bound if set(names) <= set(bound) else None
+
+
+def _is(value, wanted) -> bool:
+    """value is `wanted` or a pair of it (a kernel size, stride, scale...)."""
+    if isinstance(value, tuple | list):
+        return len(value) == 2 and all(v == wanted for v in value)
+    return value == wanted
+
+
+def _single_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+INTERPOLATE_PARAMS = tuple(inspect.signature(F.interpolate).parameters)
+INTERPOLATE_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(F.interpolate).parameters.items()
+    if p.default is not _REQUIRED
+}
+
+
+@dataclass
+class _Upsample:
+    x: fx.Node
+    mode: str
+    align_corners: bool
+    nodes: list[fx.Node]  # the upsample and pad nodes the fused op replaces
+
+    def describe(self) -> str:
+        corners = ", align_corners" if self.align_corners else ""
+        return f"upsample({self.mode}{corners})" + (" + pad" if len(self.nodes) > 1 else "")
+
+
+def _upsample_settings(node: fx.Node, root: nn.Module) -> dict | None:
+    """The interpolate arguments of an nn.Upsample or F.interpolate node, else None."""
+    if node.op == "call_module":
+        layer = root.get_submodule(node.target)
+        if type(layer) is not nn.Upsample or has_hooks(layer) or len(node.args) != 1:
+            return None
+        settings = {name: getattr(layer, name) for name in INTERPOLATE_PARAMS[1:-1]}
+        return {"input": node.args[0], **settings, "antialias": False}
+    if node.op == "call_function" and node.target is F.interpolate:
+        return _arguments(node, INTERPOLATE_PARAMS, INTERPOLATE_DEFAULTS)
+    return None
+
+
+def _upsample_source(node: fx.Node, root: nn.Module) -> tuple[_Upsample | None, str]:
+    """The upsample that `node` is (through a pad of zero amounts), or None and why not ("" when
+    node is no upsample at all)."""
+    nodes = [node]
+    pad = None
+    if node.op == "call_function" and node.target is F.pad:
+        pad = _arguments(node, ("input", "pad", "mode", "value"), {"mode": "constant"})
+        if pad is None or not isinstance(pad["input"], fx.Node):
+            return None, ""
+        node = pad["input"]
+        nodes.insert(0, node)
+    settings = _upsample_settings(node, root)
+    if settings is None:
+        return None, ""
+    if pad is not None and not all(isinstance(p, int) and p == 0 for p in pad["pad"]):
+        return None, f"the pad amounts {pad['pad']} are not zero for these sizes"
+    if any(len(n.users) != 1 for n in nodes):
+        return None, "the upsampled tensor is used elsewhere too"
+    mode = settings["mode"]
+    if mode not in ("nearest", "bilinear") or settings["antialias"]:
+        return None, f"mode {mode!r}: the op upsamples nearest or bilinear"
+    if settings["size"] is None and not _is(settings["scale_factor"], 2):
+        return None, f"scale_factor {settings['scale_factor']}: the op upsamples 2x or to a size"
+    if not _is_4d(settings["input"]):
+        return None, "the input is not 4-D"
+    aligned = mode == "bilinear" and bool(settings["align_corners"])
+    return _Upsample(settings["input"], mode, aligned, nodes), ""
+
+
+CATS = (torch.cat, torch.concat, torch.concatenate)
+
+
+def _rewrite_cat(graph: fx.Graph, cat: fx.Node, root: nn.Module, rows: list) -> None:
+    args = _arguments(cat, ("tensors", "dim"), {"dim": 0})
+    if args is None and cat.target is torch.concatenate:
+        args = _arguments(cat, ("tensors", "axis"), {"axis": 0})
+        args = args and {"tensors": args["tensors"], "dim": args["axis"]}
+    if args is None or not _is_4d(cat) or args["dim"] % 4 != 1:
+        return
+    tensors = args["tensors"]
+    if not (isinstance(tensors, list | tuple) and len(tensors) == 2):
+        return
+    if not all(isinstance(t, fx.Node) for t in tensors):
+        return
+    for up_index in (1, 0):  # [skip, up] first: both may be upsampled
+        source, why = _upsample_source(tensors[up_index], root)
+        skip = tensors[1 - up_index]
+        order = "cat([skip, up])" if up_index == 1 else "cat([up, skip])"
+        if source is None:
+            if why:
+                rows.append((f"upsample + {order}", LEFT, why))
+            continue
+        with graph.inserting_before(cat):
+            fused = graph.call_function(
+                upsample_concat,
+                (source.x, skip, source.mode, source.align_corners, up_index == 1),
+            )
+        fused.meta[META] = cat.meta[META]
+        cat.replace_all_uses_with(fused)
+        for node in [cat, *reversed(source.nodes)]:
+            graph.erase_node(node)
+        rows.append((f"{source.describe()} + {order}", UPSAMPLE_OP, ""))
+        return
+
+
+MAX_POOL_PARAMS = (
+    "input",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "ceil_mode",
+    "return_indices",
+)
+MAX_POOL_DEFAULTS = {
+    "stride": None,
+    "padding": 0,
+    "dilation": 1,
+    "ceil_mode": False,
+    "return_indices": False,
+}
+MAX_POOLS = (F.max_pool2d, torch.max_pool2d)
+
+
+def _rewrite_max_pool(graph: fx.Graph, node: fx.Node, rows: list) -> None:
+    args = _arguments(node, MAX_POOL_PARAMS, MAX_POOL_DEFAULTS)
+    if args is None or args["return_indices"] or not _is_4d(args["input"]):
+        return
+    stride = args["stride"]
+    if not (
+        _is(args["kernel_size"], 2)
+        and (stride is None or stride in ((), []) or _is(stride, 2))
+        and _is(args["padding"], 0)
+        and _is(args["dilation"], 1)
+        and not args["ceil_mode"]
+    ):
+        rows.append(("max_pool2d", LEFT, "the op is kernel 2, stride 2, no padding, floor mode"))
+        return
+    with graph.inserting_before(node):
+        fused = graph.call_function(max_pool2d, (args["input"],))
+    fused.meta[META] = node.meta[META]
+    node.replace_all_uses_with(fused)
+    graph.erase_node(node)
+    rows.append(("max_pool2d(2)", POOL_OP, ""))
+
+
+RELU_FUNCTIONS = (F.relu, torch.relu, F.relu_, torch.relu_)
+LEAKY_RELU_FUNCTIONS = (F.leaky_relu, F.leaky_relu_)
+
+
+def _activation_slope(node: fx.Node, root: nn.Module, x: fx.Node) -> float | None:
+    """The negative slope (0.0 for ReLU) of an activation node applied to x alone, else None."""
+    if node.op == "call_module":
+        layer = root.get_submodule(node.target)
+        if has_hooks(layer) or node.args != (x,) or node.kwargs:
+            return None
+        if type(layer) is nn.ReLU:
+            return 0.0
+        if type(layer) is nn.LeakyReLU and layer.negative_slope >= 0:
+            return float(layer.negative_slope)
+        return None
+    if node.op == "call_method" and node.target in ("relu", "relu_"):
+        return 0.0 if node.args == (x,) and not node.kwargs else None
+    if node.op != "call_function" or not node.args or node.args[0] is not x:
+        return None
+    if node.target in RELU_FUNCTIONS:
+        return 0.0 if _arguments(node, ("input", "inplace"), {"inplace": False}) else None
+    if node.target in LEAKY_RELU_FUNCTIONS:
+        args = _arguments(
+            node, ("input", "negative_slope", "inplace"), {"negative_slope": 0.01, "inplace": False}
+        )
+        slope = None if args is None else args["negative_slope"]
+        return float(slope) if isinstance(slope, int | float) and slope >= 0 else None
+    return None
+
+
+def _rewrite_conv_chain(graph: fx.Graph, conv: fx.Node, root: nn.Module, rows: list) -> None:
+    """conv -> [BatchNorm2d] -> [ReLU/LeakyReLU], each the next one's only input, written in a
+    forward (a Sequential's chains are fused by the module swaps)."""
+    if len(conv.args) != 1 or conv.kwargs:
+        return
+    last, batch_norm, slope = conv, None, None
+    user = _single_user(last)
+    if user is not None and user.op == "call_module":
+        layer = root.get_submodule(user.target)
+        if (
+            type(layer) is nn.BatchNorm2d
+            and not has_hooks(layer)
+            and user.args == (last,)
+            and not user.kwargs
+        ):
+            last, batch_norm = user, user
+            user = _single_user(last)
+    if user is not None:
+        slope = _activation_slope(user, root, last)
+        if slope is not None:
+            last = user
+    if last is conv:
+        return
+    with graph.inserting_before(last):
+        fused = graph.call_function(conv_chain, (
+            conv.args[0],
+            graph.get_attr(conv.target),
+            None if batch_norm is None else graph.get_attr(batch_norm.target),
+            slope,
+        ))  # fmt: skip
+    fused.meta[META] = last.meta[META]
+    last.replace_all_uses_with(fused)
+    for node in dict.fromkeys(n for n in (last, batch_norm, conv) if n is not None):
+        graph.erase_node(node)
+    steps = ["conv2d", *(["batch_norm2d"] if batch_norm is not None else [])]
+    if slope is not None:
+        steps.append("relu" if slope == 0 else f"leaky_relu({slope:g})")
+    why = "folds while the BatchNorm2d is in eval mode" if batch_norm is not None else ""
+    rows.append((" + ".join(steps), CONV_OP, why))
+
+
+def rewrite(graph: fx.Graph, root: nn.Module) -> list[tuple[str, str, str]]:
+    """Put fastunet's ops in place of the graph's patterns; the (pattern, runs on, why) rows."""
+    rows: list[tuple[str, str, str]] = []
+    # Chains first: they erase nodes after the one visited, so the second pass sees fresh nodes.
+    for node in list(graph.nodes):
+        if node.op == "call_module":
+            layer = root.get_submodule(node.target)
+            if isinstance(layer, FusedConv2d) and layer.chain is None:
+                _rewrite_conv_chain(graph, node, root, rows)
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in CATS:
+            _rewrite_cat(graph, node, root, rows)
+        elif node.op == "call_function" and node.target in MAX_POOLS:
+            _rewrite_max_pool(graph, node, rows)
+    return rows
+
+
+# ---------------------------------------------------------------- the forward that runs
+
+
+def _generate(graph: fx.Graph, path: str) -> Callable:
+    """The graph as a Python function of (module, *arguments), like a GraphModule's forward but
+    bound to the live module at each call rather than to copies of its attributes."""
+    code = graph.python_code(root_module="self")
+    namespace = dict(code.globals)
+    exec(compile(code.src, f"<fastunet.accelerate {path or 'model'}>", "exec"), namespace)
+    return namespace["forward"]
+
+
+class TracedForward:
+    """Stands in for a module's forward: per call signature, the forward traced at the first call
+    with that signature and rewritten onto fastunet's ops, or the forward as written when the
+    trace found no pattern or could not follow the code."""
+
+    def __init__(
+        self, module: nn.Module, path: str, signature: Signature, report: AccelerationReport
+    ):
+        self.module, self.path, self.signature, self.report = module, path, signature, report
+        self.traced: dict[tuple, Callable | None] = {}
+
+    def __getstate__(self) -> dict:
+        # Generated functions do not pickle (torch.save of the whole model): traced again after.
+        return {**self.__dict__, "traced": {}}
+
+    def __call__(self, *args, **kwargs):
+        module = self.module
+        values = self.signature.bind(args, kwargs)
+        key = None if values is None else call_key(module, values)
+        if key is None:
+            return type(module).forward(module, *args, **kwargs)
+        if key in self.traced:
+            generated = self.traced[key]
+            return (generated or type(module).forward)(module, *values)
+        if torch.compiler.is_compiling() or len(self.traced) >= MAX_SIGNATURES:
+            return type(module).forward(module, *values)
+        return self._run_and_trace(key, values)
+
+    def _run_and_trace(self, key: tuple, values: tuple):
+        """The call as written, recording each layer's output shape; then the trace."""
+        module = self.module
+        records: list = []
+
+        def record(layer, _inputs, output):
+            records.append((layer, _to_meta(output), _device(output)))
+
+        handles = [layer.register_forward_hook(record) for layer in trace_leaves(module)]
+        try:
+            output = type(module).forward(module, *values)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.traced[key] = self._trace(values, records)
+        return output
+
+    def _trace(self, values: tuple, records: list) -> Callable | None:
+        module = self.module
+        concrete = {
+            name: value
+            for name, value in zip(self.signature.names, values, strict=True)
+            if not isinstance(value, Tensor)
+        }
+        tracer = _ShapeTracer(values, records)
+        try:
+            graph = tracer.trace(module, concrete_args=concrete or None)
+            if tracer.records:
+                raise fx.proxy.TraceError("the trace ran fewer layers than the call did")
+        except Exception as error:  # whatever the user's code raises under fx: run it as written
+            message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            why = f"not traceable with these inputs, runs as written ({type(error).__name__}"
+            self.report.add(self.path, "forward", LEFT, why + (f": {message})" if message else ")"))
+            return None
+        rows = rewrite(graph, module)
+        for row in rows:
+            self.report.add(self.path, *row)
+        if all(runs_on == LEFT for _, runs_on, _ in rows):
+            return None
+        return _generate(graph, self.path)
+
+
+def install_traced_forwards(model: nn.Module, report: AccelerationReport) -> None:
+    """A TracedForward for every module whose forward may hold a pattern."""
+    for path, module in model.named_modules():
+        if not wants_trace(module):
+            continue
+        signature = Signature.of(type(module).forward)
+        if signature is None:
+            why = "its forward takes *args, **kwargs or keyword-only arguments: runs as written"
+            report.add(path, "forward", LEFT, why)
+            continue
+        module.forward = TracedForward(module, path, signature, report)

@@ -1,0 +1,355 @@
+"""fastunet.accelerate on the UNets people have: models written here in milesial's and smp's
+styles, ReferenceUNet's functional style, and MONAI's own BasicUNet.
+
+Each accelerated model must give the original's output, input gradient, parameter gradients and
+buffers (fp32, within 1e-5 relative), in eval and training mode, keep its state_dict keys, and
+run its convolutions, pools and upsample-concats on fastunet's ops, counted as they run. Most
+tests force the torch composite inside the ops (fast); the `kernels` tests run the Triton
+kernels (in the interpreter without a GPU) on a tiny model.
+"""
+
+import collections
+import contextlib
+import copy
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import KERNEL_DEVICE
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastunet
+from fastunet.bench.parity import relative_error
+from fastunet.bench.styles import MilesialStyleUNet, SmpStyleUNet
+
+CONV, POOL, UPCAT = (
+    "fastunet::conv2d_relu",
+    "fastunet::max_pool2d_with_argmax",
+    ("fastunet::upsample_concat"),
+)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ops that run, by name ("fastunet::conv2d_relu", "aten::convolution"); the ops
+    inside a fastunet op's torch composite are not seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.name()] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def monai_unet(**config) -> nn.Module:
+    nets = pytest.importorskip("monai.networks.nets")
+    return nets.BasicUNet(
+        spatial_dims=2, in_channels=3, out_channels=2, features=(4, 4, 8, 8, 16, 4), **config
+    )
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[], nn.Module]
+    size: int
+    # The fastunet ops one forward runs once traced, and the aten ops it still runs.
+    ops: dict[str, int]
+    left: dict[str, int] = field(default_factory=dict)
+
+
+BATCH_RELU = dict(norm=("batch", {}), act="relu", upsample="nontrainable")
+CASES = [
+    Case("milesial-bilinear", lambda: MilesialStyleUNet(3, 2, 4, 3), 32,
+         {CONV: 15, POOL: 3, UPCAT: 3}),
+    Case("milesial-transposed", lambda: MilesialStyleUNet(3, 2, 4, 3, bilinear=False), 32,
+         {CONV: 15, POOL: 3}, {"aten::convolution": 3, "aten::cat": 3}),
+    # cat([up, skip]): the op concatenates [skip, up] only, so far.
+    Case("smp", lambda: SmpStyleUNet(3, 2, (4, 8, 8, 16), (8, 8, 4, 4)), 32,
+         {CONV: 15, POOL: 3}, {"aten::convolution": 1, "aten::cat": 3}),
+    Case("reference-nearest", lambda: fastunet.ReferenceUNet(3, 2, 4, 3), 24,
+         {CONV: 15, POOL: 3, UPCAT: 3}),
+    Case("reference-bilinear-odd", lambda: fastunet.ReferenceUNet(3, 2, 4, 2, "bilinear", True),
+         19, {CONV: 11, POOL: 2, UPCAT: 2}),
+    # MONAI's default: instance norm (not folded), LeakyReLU, transposed-conv upsampling.
+    Case("monai-default", lambda: monai_unet(), 32,
+         {CONV: 19, POOL: 4}, {"aten::convolution": 4, "aten::cat": 4}),
+    Case("monai-batch-relu-bilinear", lambda: monai_unet(**BATCH_RELU), 32,
+         {CONV: 22, POOL: 4, UPCAT: 4}),
+    # 40 -> 20 -> 10 -> 5 -> 2: the bottom level's replicate pad is not zero, so its cat stays.
+    Case("monai-odd-size", lambda: monai_unet(**BATCH_RELU), 40,
+         {CONV: 22, POOL: 4, UPCAT: 3}, {"aten::cat": 1}),
+    Case("monai-leaky-dropout",
+         lambda: monai_unet(norm=("batch", {}), dropout=0.1, upsample="nontrainable"), 32,
+         {CONV: 22, POOL: 4, UPCAT: 4}),
+]  # fmt: skip
+UNFUSED = ("aten::convolution", "aten::cat", "aten::max_pool2d_with_indices")
+
+
+def assert_close(name: str, ours, theirs, truth, floor: float = 0.0) -> None:
+    """The project's fp32 parity rule: against float64, within 1e-5 relative, or within 2x the
+    original's own error where that is larger (a bias gradient is a sum that cancels). `floor`
+    absorbs the noise of gradients that are zero in exact arithmetic (a conv bias before a
+    training-mode BatchNorm)."""
+    norm = torch.linalg.vector_norm
+    error = norm((ours - truth).double())
+    bound = 2 * norm((theirs - truth).double()) + 1e-5 * norm(truth.double()) + floor
+    assert error <= bound, (
+        f"{name}: relative error {relative_error(ours, truth):.3g}, "
+        f"the original's {relative_error(theirs, truth):.3g}"
+    )
+
+
+def step(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Output, d(loss)/d(x), every parameter's gradient and every buffer after one step; the
+    seed makes dropout draw the same masks in each model."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().to(next(model.parameters()).dtype).requires_grad_()
+    torch.manual_seed(1)
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    grads = {f"grad {n}": p.grad for n, p in model.named_parameters() if p.grad is not None}
+    buffers = {n: b for n, b in model.named_buffers() if b.is_floating_point()}
+    return {"output": out, "grad_input": x.grad, **grads, **buffers}
+
+
+def compare(original: nn.Module, fast: nn.Module, x: torch.Tensor, count: bool = True):
+    """One step of the accelerated model against the original's and a float64 copy's; returns
+    the ops the accelerated model ran (counting is left out under torch.compile, which does not
+    trace under a dispatch mode)."""
+    truth = step(copy.deepcopy(original).double(), x)
+    theirs = step(original, x)
+    counter = OpCounter()
+    with counter if count else contextlib.nullcontext():
+        ours = step(fast, x)
+    assert ours.keys() == theirs.keys()
+    assert ours["output"].dtype == theirs["output"].dtype
+    grads = [torch.linalg.vector_norm(t) for name, t in truth.items() if name.startswith("grad")]
+    floor = 1e-7 * max(grads)  # fp32's epsilon of the largest gradient
+    for name, value in ours.items():
+        assert_close(name, value, theirs[name], truth[name], floor)
+    return counter.counts
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_matches_the_original_and_runs_fastunet_ops(case, torch_backend):
+    torch.manual_seed(0)
+    original = case.build()
+    fast = fastunet.accelerate(original)
+    assert fast is not original
+    x = torch.randn(2, 3, case.size, case.size)
+    for training in (False, True):
+        original.train(training)
+        fast.train(training)
+        # The first call with these shapes runs each traced forward as written, then traces it;
+        # the second runs the traced code.
+        for _ in range(2):
+            counts = compare(original, fast, x)
+        ran = {op: counts[op] for op in (CONV, POOL, UPCAT) if counts[op]}
+        assert ran == case.ops, f"training={training}"
+        assert {op: counts[op] for op in UNFUSED if counts[op]} == case.left
+        # The backward runs on fastunet's ops too.
+        assert counts["fastunet::conv2d_grad_weight"] == case.ops[CONV]
+        assert counts["fastunet::max_pool2d_backward"] == case.ops[POOL]
+
+
+@pytest.mark.parametrize("case", CASES[:1] + CASES[-1:], ids=lambda case: case.name)
+def test_state_dict_round_trip(case, torch_backend):
+    torch.manual_seed(0)
+    original = case.build()
+    fast = fastunet.accelerate(original).eval()
+    assert list(fast.state_dict()) == list(original.state_dict())
+    x = torch.randn(1, 3, case.size, case.size)
+    fast(x)  # traced with the old weights: the traced code must read the live ones
+    other = case.build().eval()
+    with torch.no_grad():
+        for t in other.state_dict().values():
+            if t.is_floating_point():
+                t.add_(0.1 * torch.randn_like(t)).abs_()  # running_var stays positive
+    fast.load_state_dict(other.state_dict(), strict=True)
+    assert torch.allclose(fast(x), other(x), rtol=1e-5, atol=1e-6)
+    original.load_state_dict(fast.state_dict(), strict=True)
+    for name, t in fast.state_dict().items():
+        assert torch.equal(t, original.state_dict()[name]), name
+    saved = io.BytesIO()
+    torch.save(fast, saved)  # the whole module pickles; its traces are made again after loading
+    saved.seek(0)
+    assert torch.equal(torch.load(saved, weights_only=False)(x), fast(x))
+
+
+def test_inplace_keeps_the_parameters(torch_backend):
+    model = MilesialStyleUNet(3, 2, 4, 2)
+    parameters = list(model.parameters())
+    optimizer = torch.optim.SGD(parameters, lr=0.1)
+    fast = fastunet.accelerate(model, inplace=True)
+    assert fast is model
+    assert all(a is b for a, b in zip(fast.parameters(), parameters, strict=True))
+    fast(torch.randn(1, 3, 16, 16)).sum().backward()
+    before = parameters[0].detach().clone()
+    optimizer.step()
+    assert not torch.equal(parameters[0], before)
+
+
+def test_autocast(torch_backend):
+    torch.manual_seed(0)
+    for original in (MilesialStyleUNet(3, 2, 4, 3).eval(), monai_unet(**BATCH_RELU).eval()):
+        fast = fastunet.accelerate(original)
+        x = torch.randn(2, 3, 32, 32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = original(x)
+            for _ in range(2):
+                fast_out = fast(x)
+        assert fast_out.dtype == out.dtype == torch.bfloat16
+        assert relative_error(fast_out, out) < 2e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("training", [False, True])
+def test_torch_compile_fullgraph(training, torch_backend):
+    """The accelerated model compiles with fullgraph=True and its graph holds fastunet's ops."""
+    torch.manual_seed(0)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    original = MilesialStyleUNet(3, 2, 4, 3).train(training)
+    fast = fastunet.accelerate(original)
+    x = torch.randn(2, 3, 32, 32)
+    compare(original, fast, x)  # eager: traces the decoder blocks' forwards for these shapes
+    torch._dynamo.reset()
+    fast.compile(backend=backend, fullgraph=True)  # in place: the parameter names stay
+    compare(original, fast, x, count=False)
+    targets = collections.Counter(str(node.target) for gm in graphs for node in gm.graph.nodes)
+    assert targets["fastunet.conv2d_relu.default"] == 15
+    assert targets["fastunet.max_pool2d_with_argmax.default"] == 3
+    assert targets["fastunet.upsample_concat.default"] == 3
+
+
+def test_report_says_what_was_replaced_and_what_was_left(torch_backend):
+    fast = fastunet.accelerate(SmpStyleUNet(3, 2, (4, 8, 8, 16), (8, 8, 4, 4)))
+    report = fastunet.acceleration_report(fast)
+    rows = {row.module: row for row in report.rows}
+    assert rows["encoder.0.0"].runs_on == "PyTorch (left)"
+    assert "stride (2, 2)" in rows["encoder.0.0"].why
+    assert rows["decoder.0.conv1.0"].pattern == "conv2d + batch_norm2d (folded in eval) + relu"
+    assert "decoder.0" not in rows  # its forward is traced at its first call
+    fast(torch.randn(1, 3, 32, 32))
+    rows = {row.module: row for row in report.rows}
+    assert rows["decoder.0"].pattern == "upsample(nearest) + cat([up, skip])"
+    assert rows["decoder.0"].runs_on == UPCAT
+    text = str(report)
+    assert text.startswith(f"fastunet.accelerate: {len(report.replaced())} replaced, 1 left")
+    assert "encoder.0.0" in text and "decoder.3.conv2.0" in text
+
+
+# ---------------------------------------------------------------- what is left, and why
+
+
+class _ValueBranch(nn.Module):
+    """A forward whose Python branches on a tensor's value: not traceable, runs as written."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.mean() > 0:
+            y = -y
+        return torch.cat([x, F.relu(y)], 1)
+
+
+class _ResNetStyle(nn.Module):
+    """conv -> bn -> relu written in a forward, one ReLU module shared by two chains, an upsample
+    used twice (so not fused), a max-pool of kernel 3 (not fused)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.up = nn.Upsample(scale_factor=2)
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        low = F.max_pool2d(y, 3, 2, 1)
+        up = self.up(low)
+        return torch.cat([y, up], 1) + up.sum()
+
+
+def test_left_patterns_still_match(torch_backend):
+    torch.manual_seed(0)
+    for original in (_ValueBranch(), _ResNetStyle()):
+        fast = fastunet.accelerate(original)
+        x = torch.randn(2, 3, 8, 8)
+        for training in (False, True):
+            original.train(training)
+            fast.train(training)
+            for _ in range(2):
+                compare(original, fast, x)
+    rows = {(r.module, r.pattern): r for r in fastunet.acceleration_report(fast).rows}
+    assert rows[("(model)", "conv2d + batch_norm2d + relu")].runs_on == CONV
+    assert rows[("(model)", "max_pool2d")].runs_on == "PyTorch (left)"
+    assert "used elsewhere" in rows[("(model)", "upsample + cat([skip, up])")].why
+
+
+def test_value_branch_is_reported(torch_backend):
+    fast = fastunet.accelerate(_ValueBranch())
+    fast(torch.randn(1, 3, 8, 8))
+    (row,) = fastunet.acceleration_report(fast).left()
+    assert row.pattern == "forward" and "not traceable" in row.why
+
+
+def test_training_batch_norm_in_an_eval_model_is_not_folded(torch_backend):
+    torch.manual_seed(0)
+    original = MilesialStyleUNet(3, 2, 4, 2).eval()
+    original.stem[1].train()  # e.g. fine-tuning one BatchNorm
+    fast = fastunet.accelerate(original)
+    for _ in range(2):
+        compare(original, fast, torch.randn(2, 3, 16, 16))
+
+
+def test_unbatched_input_and_negative_slope(torch_backend):
+    torch.manual_seed(0)
+    original = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.LeakyReLU(-0.5), nn.Conv2d(4, 4, 1), nn.ReLU()
+    )
+    fast = fastunet.accelerate(original)
+    x = torch.randn(3, 8, 8)  # (C, H, W): nn.Conv2d takes it, the op does not
+    assert torch.allclose(fast(x), original(x), rtol=1e-5, atol=1e-6)
+    rows = {row.module: row for row in fastunet.acceleration_report(fast).rows}
+    assert "negative slope" in rows["0"].why
+    assert rows["2"].pattern == "conv2d + relu"
+
+
+def test_errors():
+    with pytest.raises(TypeError, match=r"must be a torch\.nn\.Module"):
+        fastunet.accelerate(lambda x: x)
+    fast = fastunet.accelerate(nn.Conv2d(1, 1, 1))
+    with pytest.raises(ValueError, match="accelerated already"):
+        fastunet.accelerate(fast)
+    with pytest.raises(ValueError, match=r"not made by fastunet\.accelerate"):
+        fastunet.acceleration_report(nn.Conv2d(1, 1, 1))
+
+
+# ---------------------------------------------------------------- the kernels themselves
+
+
+def test_kernels():
+    """The same comparison with fastunet's kernels running (the interpreter on a CPU)."""
+    torch.manual_seed(0)
+    original = MilesialStyleUNet(3, 2, 2, 1).to(KERNEL_DEVICE).eval()
+    fast = fastunet.accelerate(original)
+    x = torch.randn(1, 3, 8, 8, device=KERNEL_DEVICE)
+    for _ in range(2):
+        counts = compare(original, fast, x)
+    assert {op: counts[op] for op in (CONV, POOL, UPCAT)} == {CONV: 7, POOL: 1, UPCAT: 1}
+    copy.deepcopy(fast)(x)  # an accelerated model copies, traces and all
