@@ -4,7 +4,6 @@ import pytest
 import torch
 from bench_device import DEVICE, ON_GPU
 
-from fastunet import ReferenceUNet
 from fastunet.bench import suite
 
 CASES = suite.model_cases(quick=not ON_GPU)
@@ -15,8 +14,8 @@ CANDIDATES = ["fastunet", "eager_fp32_nchw", "eager_bf16_cl", "compile"]
 @pytest.mark.parametrize("candidate", CANDIDATES)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_model(timed, case, candidate, training):
-    reference = ReferenceUNet(3, 2, case.base_channels, case.depth).to(DEVICE)
-    candidates = suite.model_candidates(case, reference, DEVICE, quick=not ON_GPU)
+    reference, fast = suite.case_models(case, DEVICE)
+    candidates = suite.model_candidates(case, reference, fast, DEVICE, quick=not ON_GPU)
     if candidate not in candidates:
         pytest.skip(f"{candidate} is not timed for {case.name} (see `fastunet bench`)")
     module, layout, autocast, benchmark = candidates[candidate]

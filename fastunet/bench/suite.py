@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fastunet import ReferenceUNet, UNet, ops
-from fastunet.bench import counts, parity
+from fastunet.bench import accelerated, counts, parity
 from fastunet.bench.shapes import ConvShape, PoolShape, UpsampleShape, unet_shapes
 from fastunet.bench.timing import ceilings, median_ms, peak_memory_mb
 from fastunet.info import info
@@ -44,6 +45,9 @@ class ModelCase:
     depth: int
     dtype: torch.dtype  # bf16 and fp16 run under autocast with fp32 weights
     compile_baseline: bool
+    # "reference": UNet against ReferenceUNet; "accelerate": fastunet.accelerate of a UNet in
+    # milesial's style against that model as written (fastunet.bench.accelerated)
+    model: str = "reference"
 
     @property
     def autocast(self) -> bool:
@@ -62,6 +66,7 @@ def model_cases(
             ModelCase("quick-fp32", 2, 64, 8, 3, torch.float32, False),
             ModelCase("quick-bf16", 2, 64, 8, 3, torch.bfloat16, False),
             ModelCase("quick-256-fp32", 1, 256, 16, 4, torch.float32, False),
+            ModelCase("quick-accelerate-fp32", 2, 64, 8, 3, torch.float32, False, "accelerate"),
         ]
     else:
         cases = [
@@ -74,6 +79,8 @@ def model_cases(
                 ("N16-256-fp32", 16, 256, torch.float32),
             )
         ]  # fmt: skip
+        cases.append(ModelCase("accelerate-N16-256-bf16", 16, 256, 64, 4, torch.bfloat16,
+                               compile == "all", "accelerate"))  # fmt: skip
     if names:
         unknown = set(names) - {case.name for case in cases}
         if unknown:
@@ -92,7 +99,7 @@ def _rates(flops: int, nbytes: int, ms: float, ceiling: dict) -> dict:
     peak, bandwidth = ceiling.get("matmul_tflops"), ceiling.get("copy_gbps")
     measured = peak is not None
     tflops = _rate(flops, ms, 1e9) if measured else None
-    gbps = _rate(nbytes, ms, 1e6) if measured else None
+    gbps = _rate(nbytes, ms, 1e6) if measured and nbytes is not None else None
     return {
         "flops": flops,
         "bytes": nbytes,
@@ -276,12 +283,22 @@ def _times_bf16_eager(case: ModelCase, device) -> bool:
     return torch.device(device).type == "cuda" or case.autocast
 
 
-def model_candidates(case: ModelCase, reference: ReferenceUNet, device, quick: bool) -> dict:
+def case_models(case: ModelCase, device) -> tuple[nn.Module, nn.Module]:
+    """(the model the baselines run, fastunet's model of it) for a case."""
+    if case.model == "accelerate":
+        return accelerated.build(case.base_channels, case.depth, device)
+    reference = ReferenceUNet(3, 2, case.base_channels, case.depth).to(device)
+    return reference, UNet.from_reference(reference)
+
+
+def model_candidates(
+    case: ModelCase, reference: nn.Module, fast: nn.Module, device, quick: bool
+) -> dict:
     """name -> (module, input memory format, autocast dtype or None, cudnn.benchmark)."""
     cl, nchw = torch.channels_last, torch.contiguous_format
     autocast = case.dtype if case.autocast else None
     candidates = {
-        "fastunet": (UNet.from_reference(reference), cl, autocast, True),
+        "fastunet": (fast, cl, autocast, True),
         "eager_fp32_nchw": (copy.deepcopy(reference), nchw, None, False),
     }
     if _times_bf16_eager(case, device):
@@ -314,7 +331,7 @@ def model_step(module, training: bool, autocast, device):
 
 def run_model_case(case: ModelCase, device, ceiling, quick: bool, progress) -> list[dict]:
     torch.manual_seed(0)
-    reference = ReferenceUNet(3, 2, case.base_channels, case.depth).to(device)
+    reference, fast = case_models(case, device)
     inputs = [
         (
             torch.randn(case.batch, 3, case.size, case.size, device=device),
@@ -322,7 +339,7 @@ def run_model_case(case: ModelCase, device, ceiling, quick: bool, progress) -> l
         )
         for _ in range(INPUT_SETS)
     ]
-    candidates = model_candidates(case, reference, device, quick)
+    candidates = model_candidates(case, reference, fast, device, quick)
     notes = {} if "compile" in candidates else {"compile": _compile_skip_reason(case, quick)}
     if "eager_bf16_cl" not in candidates:
         notes["eager_bf16_cl"] = "not timed: bf16 on the CPU, for an fp32 case, says little"
@@ -348,7 +365,9 @@ def run_model_case(case: ModelCase, device, ceiling, quick: bool, progress) -> l
         amounts = counts.model_counts(
             case.batch, case.size, case.base_channels, case.depth, element_size=size,
             backward=training,
-        )  # fmt: skip
+        ) if case.model == "reference" else {
+            "flops": accelerated.flops(reference, case.batch, case.size, training), "bytes": None
+        }  # fmt: skip
         rows.append({
             "case": case.name,
             "mode": "training" if training else "inference",
@@ -365,7 +384,7 @@ def run_model_case(case: ModelCase, device, ceiling, quick: bool, progress) -> l
             "notes": notes,
         })  # fmt: skip
     progress(f"model {case.name} parity")
-    check = parity.compare(
+    check = (parity.compare if case.model == "reference" else accelerated.compare)(
         batch=2, size=case.size, base_channels=case.base_channels, depth=case.depth,
         dtype=case.dtype, autocast=case.autocast, device=device,
     )  # fmt: skip
