@@ -43,6 +43,15 @@ class Conv2dReLU(nn.Conv2d):
             "conv2d_relu", ops.conv2d_relu, x, self.weight, self.bias, self.padding[0], self.relu
         )
 
+    def forward_upsampled(
+        self, x: Tensor, skip: Tensor, mode: str = "nearest", align_corners: bool = False
+    ) -> Tensor:
+        """This layer on cat([skip, upsample(x, skip's size)], 1), without the concat tensor."""
+        return run_layer(
+            "upsample_concat_conv2d_relu", ops.upsample_concat_conv2d_relu, x, skip,
+            self.weight, self.bias, self.padding[0], self.relu, mode, align_corners,
+        )  # fmt: skip
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", relu={self.relu}"
 

@@ -11,6 +11,10 @@ implicit im2col matrix is a masked, contiguous load per pixel. Every kernel accu
                SPLIT slices that fill the GPU; the slices are summed in a fixed order (no atomics).
 - relu_grad:   the ReLU mask applied to grad_output, with the bias gradient from the same pass.
 
+The forward and grad_weight kernels also serve the decoder op upsample_concat_conv2d_relu: with
+UPSAMPLE set, their loader reads the input cat([skip, upsample(x)]) from skip and x directly, so
+the concat is never stored (`concat=(skip, mode, align_corners)` in the launchers).
+
 Addressing: x is read through its strides (any channels_last tensor); every other operand is
 indexed by its shape, so the launchers make it dense first (weight and bias contiguous, grad and
 out channels_last).
@@ -25,6 +29,7 @@ import triton
 import triton.language as tl
 
 from fastunet.kernels import INTERPRET
+from fastunet.kernels.upsample_concat import axis_tables, bilinear_blend
 
 # Tile sizes used under TRITON_INTERPRET (autotuning needs a GPU): few, large programs run fastest.
 INTERPRETER_TILES = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32)
@@ -117,18 +122,88 @@ def _load_shifted_pixels(
     return tl.load(pointers, mask=inside[:, None] & (cs < C_IN)[None, :], other=0.0)
 
 
-@_autotune(GEMM_CONFIGS, ["N", "H_OUT", "W_OUT", "C_IN", "C_OUT", "KH", "KW"])
+@triton.jit
+def _load_concat_pixels(
+    skip_ptr, x_ptr, n, oh, ow, pixel_valid, dh, dw, cs, H, W, C_SKIP, C_IN,
+    stride_sn, stride_sh, stride_sw, stride_xn, stride_xh, stride_xw,
+    row_src0_ptr, row_src1_ptr, row_lambda0_ptr, row_lambda1_ptr,
+    col_src0_ptr, col_src1_ptr, col_lambda0_ptr, col_lambda1_ptr,
+    BILINEAR: tl.constexpr,
+):  # fmt: skip
+    """The [pixels, channels] tile of cat([skip, upsample(x)]) (NHWC, H x W) at (oh + dh,
+    ow + dw), zero outside the image, read from skip and x: the concat is never stored.
+    Upsampled values are x's at PyTorch's source indices (nearest), or PyTorch's fp32 blend of
+    four rounded to x's dtype (bilinear), as upsample_concat would have stored them."""
+    ih = oh + dh
+    iw = ow + dw
+    inside = pixel_valid & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    from_skip = inside[:, None] & (cs < C_SKIP)[None, :]
+    skip_pixel = n.to(tl.int64) * stride_sn + ih * stride_sh + iw * stride_sw
+    skip_values = tl.load(skip_ptr + skip_pixel[:, None] + cs[None, :], mask=from_skip, other=0.0)
+    from_x = inside[:, None] & ((cs >= C_SKIP) & (cs < C_IN))[None, :]
+    x_image = x_ptr + n.to(tl.int64)[:, None] * stride_xn + (cs - C_SKIP)[None, :]
+    h0 = tl.load(row_src0_ptr + ih, mask=inside, other=0)
+    w0 = tl.load(col_src0_ptr + iw, mask=inside, other=0)
+    up = tl.load(x_image + (h0 * stride_xh + w0 * stride_xw)[:, None], mask=from_x, other=0.0)
+    if BILINEAR:
+        h1 = tl.load(row_src1_ptr + ih, mask=inside, other=0)
+        w1 = tl.load(col_src1_ptr + iw, mask=inside, other=0)
+        top_right = tl.load(x_image + (h0 * stride_xh + w1 * stride_xw)[:, None], mask=from_x,
+                            other=0.0)  # fmt: skip
+        bottom_left = tl.load(x_image + (h1 * stride_xh + w0 * stride_xw)[:, None], mask=from_x,
+                              other=0.0)  # fmt: skip
+        bottom_right = tl.load(x_image + (h1 * stride_xh + w1 * stride_xw)[:, None], mask=from_x,
+                               other=0.0)  # fmt: skip
+        up = bilinear_blend(
+            up, top_right, bottom_left, bottom_right,
+            tl.load(row_lambda0_ptr + ih, mask=inside, other=0)[:, None],
+            tl.load(row_lambda1_ptr + ih, mask=inside, other=0)[:, None],
+            tl.load(col_lambda0_ptr + iw, mask=inside, other=0)[:, None],
+            tl.load(col_lambda1_ptr + iw, mask=inside, other=0)[:, None],
+        ).to(skip_values.dtype)  # fmt: skip
+    return tl.where(from_skip, skip_values, up)
+
+
+@triton.jit
+def _load_input_pixels(
+    x_ptr, x_base, n, oh, ow, pixel_valid, dh, dw, cs, H, W, C_IN, stride_xn, stride_xh, stride_xw,
+    skip_ptr, C_SKIP, stride_sn, stride_sh, stride_sw,
+    row_src0_ptr, row_src1_ptr, row_lambda0_ptr, row_lambda1_ptr,
+    col_src0_ptr, col_src1_ptr, col_lambda0_ptr, col_lambda1_ptr,
+    UPSAMPLE: tl.constexpr,
+):  # fmt: skip
+    """The A tile of the implicit GEMM: x's pixels, or with UPSAMPLE ("nearest", "bilinear")
+    the pixels of cat([skip, upsample(x)])."""
+    if UPSAMPLE == "none":
+        return _load_shifted_pixels(
+            x_ptr, x_base, oh, ow, pixel_valid, dh, dw, cs, H, W, C_IN, stride_xh, stride_xw
+        )
+    return _load_concat_pixels(
+        skip_ptr, x_ptr, n, oh, ow, pixel_valid, dh, dw, cs, H, W, C_SKIP, C_IN,
+        stride_sn, stride_sh, stride_sw, stride_xn, stride_xh, stride_xw,
+        row_src0_ptr, row_src1_ptr, row_lambda0_ptr, row_lambda1_ptr,
+        col_src0_ptr, col_src1_ptr, col_lambda0_ptr, col_lambda1_ptr,
+        UPSAMPLE == "bilinear",
+    )  # fmt: skip
+
+
+@_autotune(GEMM_CONFIGS, ["N", "H_OUT", "W_OUT", "C_IN", "C_OUT", "KH", "KW", "C_SKIP"])
 @triton.jit
 def _conv2d_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
     N, H, W, C_IN, H_OUT, W_OUT, C_OUT,
     stride_xn, stride_xh, stride_xw,
     PAD_H, PAD_W,
+    skip_ptr, C_SKIP, stride_sn, stride_sh, stride_sw,
+    row_src0_ptr, row_src1_ptr, row_lambda0_ptr, row_lambda1_ptr,
+    col_src0_ptr, col_src1_ptr, col_lambda0_ptr, col_lambda1_ptr,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPSAMPLE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """out (NHWC) = [relu](conv(x, w) + bias); w is [C_OUT, KH, KW, C_IN] contiguous."""
+    """out (NHWC) = [relu](conv(x, w) + bias); w is [C_OUT, KH, KW, C_IN] contiguous. With
+    UPSAMPLE, the conv's input is cat([skip, upsample(x)]) (H x W, C_IN = C_SKIP + x's)."""
     M = N * H_OUT * W_OUT
     # Grouped program order: GROUP_M row-tiles share their weight tiles in L2.
     pid = tl.program_id(0)
@@ -156,9 +231,12 @@ def _conv2d_kernel(
         cs = (step % c_blocks) * BLOCK_K + offs_k
         kh = tap // KW
         kw = tap % KW
-        a = _load_shifted_pixels(
-            x_ptr, x_base, oh, ow, m_valid, kh - PAD_H, kw - PAD_W, cs,
-            H, W, C_IN, stride_xh, stride_xw,
+        a = _load_input_pixels(
+            x_ptr, x_base, n, oh, ow, m_valid, kh - PAD_H, kw - PAD_W, cs,
+            H, W, C_IN, stride_xn, stride_xh, stride_xw,
+            skip_ptr, C_SKIP, stride_sn, stride_sh, stride_sw,
+            row_src0_ptr, row_src1_ptr, row_lambda0_ptr, row_lambda1_ptr,
+            col_src0_ptr, col_src1_ptr, col_lambda0_ptr, col_lambda1_ptr, UPSAMPLE,
         )  # fmt: skip
         b = tl.load(
             w_rows + (tap * C_IN + cs)[:, None],
@@ -181,7 +259,7 @@ def _conv2d_kernel(
 
 @_autotune(
     GRAD_WEIGHT_CONFIGS,
-    ["N", "H_OUT", "W_OUT", "C_IN", "C_OUT", "KH", "KW", "M_PER_SPLIT"],
+    ["N", "H_OUT", "W_OUT", "C_IN", "C_OUT", "KH", "KW", "M_PER_SPLIT", "C_SKIP"],
 )
 @triton.jit
 def _conv2d_grad_weight_kernel(
@@ -189,7 +267,10 @@ def _conv2d_grad_weight_kernel(
     N, H, W, C_IN, H_OUT, W_OUT, C_OUT,
     stride_xn, stride_xh, stride_xw,
     PAD_H, PAD_W, M_PER_SPLIT,
-    KH: tl.constexpr, KW: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    skip_ptr, C_SKIP, stride_sn, stride_sh, stride_sw,
+    row_src0_ptr, row_src1_ptr, row_lambda0_ptr, row_lambda1_ptr,
+    col_src0_ptr, col_src1_ptr, col_lambda0_ptr, col_lambda1_ptr,
+    KH: tl.constexpr, KW: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPSAMPLE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """partial[split, co, (kh, kw, ci)] = sum over this split's pixels of grad[m, co] * x[m + tap].
@@ -217,9 +298,12 @@ def _conv2d_grad_weight_kernel(
         m_valid = offs_m < m_end
         n, oh, ow = _pixel_coordinates(offs_m, H_OUT, W_OUT)
         x_base = n.to(tl.int64) * stride_xn + oh * stride_xh + ow * stride_xw
-        a = _load_shifted_pixels(
-            x_ptr, x_base, oh, ow, m_valid, kh - PAD_H, kw - PAD_W, cs,
-            H, W, C_IN, stride_xh, stride_xw,
+        a = _load_input_pixels(
+            x_ptr, x_base, n, oh, ow, m_valid, kh - PAD_H, kw - PAD_W, cs,
+            H, W, C_IN, stride_xn, stride_xh, stride_xw,
+            skip_ptr, C_SKIP, stride_sn, stride_sh, stride_sw,
+            row_src0_ptr, row_src1_ptr, row_lambda0_ptr, row_lambda1_ptr,
+            col_src0_ptr, col_src1_ptr, col_lambda0_ptr, col_lambda1_ptr, UPSAMPLE,
         )  # fmt: skip
         # grad is [M, C_OUT] row-major; load its transpose tile [BLOCK_N, BLOCK_M].
         g = tl.load(
@@ -271,15 +355,34 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
 
 def _check_image_size(x: torch.Tensor) -> None:
     # Offsets within one image are int32; across the batch they are int64.
-    if x[0].numel() >= 2**31:
+    if x.shape[1:].numel() >= 2**31:
         raise ValueError(
             f"conv2d_relu: one image of shape {tuple(x.shape[1:])} is >= 2**31 elements"
         )
 
 
-def _launch_conv(x, weight_khwc, bias, out, pad_h, pad_w, relu):
-    """out = [relu](conv(x, weight) + bias) for NHWC x and out, weight as [C_out, KH, KW, C_in]."""
-    n, c_in, h, w = x.shape
+def _input_arguments(x, concat):
+    """The conv input's (N, C_in, H, W), the fused loader's arguments (skip, C_skip, skip's
+    strides, the eight axis tables; placeholders for a plain conv) and UPSAMPLE.
+
+    concat: None, or (skip, mode, align_corners) for the input cat([skip, upsample(x)]), with
+    x and skip channels_last."""
+    if concat is None:
+        return x.shape, (x, 0, 0, 0, 0, *[x] * 8), "none"
+    skip, mode, align_corners = concat
+    _check_image_size(skip)
+    rows = axis_tables(x.shape[2], skip.shape[2], mode, align_corners, x.device)
+    cols = axis_tables(x.shape[3], skip.shape[3], mode, align_corners, x.device)
+    tables = [t for a in (rows, cols) for t in (a.src0, a.src1, a.lambda0, a.lambda1)]
+    shape = (skip.shape[0], skip.shape[1] + x.shape[1], *skip.shape[2:])
+    skip_arguments = (skip, skip.shape[1], skip.stride(0), skip.stride(2), skip.stride(3))
+    return shape, (*skip_arguments, *tables), mode
+
+
+def _launch_conv(x, weight_khwc, bias, out, pad_h, pad_w, relu, concat=None):
+    """out = [relu](conv(x, weight) + bias) for NHWC x and out, weight as [C_out, KH, KW, C_in];
+    with concat (see `_input_arguments`) the conv's input is cat([skip, upsample(x)])."""
+    (n, c_in, h, w), concat_arguments, upsample = _input_arguments(x, concat)
     c_out, kh, kw, _ = weight_khwc.shape
     h_out, w_out = out.shape[2:]
     _check_image_size(x)
@@ -294,16 +397,20 @@ def _launch_conv(x, weight_khwc, bias, out, pad_h, pad_w, relu):
         x, weight_khwc, bias if bias is not None else x, out,
         n, h, w, c_in, h_out, w_out, c_out,
         x.stride(0), x.stride(2), x.stride(3),
-        pad_h, pad_w,
+        pad_h, pad_w, *concat_arguments,
         KH=kh, KW=kw, HAS_BIAS=bias is not None, RELU=relu,
-        INPUT_PRECISION=_input_precision(x), **tiles,
+        INPUT_PRECISION=_input_precision(x), UPSAMPLE=upsample, **tiles,
     )  # fmt: skip
     return out
 
 
-def forward(x, weight, bias, padding: int, relu: bool) -> torch.Tensor:
-    """relu(conv2d(x, weight, bias, padding)) as a channels_last tensor."""
-    n, _, h, w = x.shape
+def forward(x, weight, bias, padding: int, relu: bool, concat=None) -> torch.Tensor:
+    """relu(conv2d(x, weight, bias, padding)) as a channels_last tensor; with concat =
+    (skip, mode, align_corners) the input is cat([skip, upsample(x, skip's size)]), unstored."""
+    if concat is not None:
+        concat = (_channels_last(concat[0]), *concat[1:])
+    n = x.shape[0]
+    h, w = (x if concat is None else concat[0]).shape[2:]
     c_out, _, kh, kw = weight.shape
     out = torch.empty(
         (n, c_out, h + 2 * padding - kh + 1, w + 2 * padding - kw + 1),
@@ -314,7 +421,7 @@ def forward(x, weight, bias, padding: int, relu: bool) -> torch.Tensor:
     weight_khwc = weight.permute(0, 2, 3, 1).contiguous()
     if bias is not None:
         bias = bias.contiguous()  # the kernel reads bias[co] at offset co: no view, no stride 0
-    return _launch_conv(_channels_last(x), weight_khwc, bias, out, padding, padding, relu)
+    return _launch_conv(_channels_last(x), weight_khwc, bias, out, padding, padding, relu, concat)
 
 
 def grad_input(grad, weight, input_height: int, input_width: int, padding: int) -> torch.Tensor:
@@ -349,15 +456,20 @@ def _split_count(m: int, tiles: int, device: torch.device) -> int:
     return max(1, min(wanted, triton.cdiv(m, SPLIT_GRANULE)))
 
 
-def grad_weight(grad, x, kernel_height: int, kernel_width: int, padding: int) -> torch.Tensor:
-    """d(loss)/d(weight) from the pre-activation gradient, [C_out, C_in, KH, KW] contiguous."""
-    n, c_in, h, w = x.shape
+def grad_weight(
+    grad, x, kernel_height: int, kernel_width: int, padding: int, concat=None
+) -> torch.Tensor:
+    """d(loss)/d(weight) from the pre-activation gradient, [C_out, C_in, KH, KW] contiguous;
+    with concat = (skip, mode, align_corners) the conv's input was cat([skip, upsample(x)])."""
+    x, grad = _channels_last(x), _channels_last(grad)
+    if concat is not None:
+        concat = (_channels_last(concat[0]), *concat[1:])
+    (n, c_in, h, w), concat_arguments, upsample = _input_arguments(x, concat)
     c_out, h_out, w_out = grad.shape[1:]
     kh, kw = kernel_height, kernel_width
     m = n * h_out * w_out
     if m == 0:
         return torch.zeros((c_out, c_in, kh, kw), dtype=grad.dtype, device=grad.device)
-    x, grad = _channels_last(x), _channels_last(grad)
     _check_image_size(x)
     # Tile count at 64x64 sets the split; it must not depend on the autotuned tile.
     tiles = triton.cdiv(c_out, 64) * kh * kw * triton.cdiv(c_in, 64)
@@ -375,8 +487,8 @@ def grad_weight(grad, x, kernel_height: int, kernel_width: int, padding: int) ->
         grad, x, partial,
         n, h, w, c_in, h_out, w_out, c_out,
         x.stride(0), x.stride(2), x.stride(3),
-        padding, padding, m_per_split,
-        KH=kh, KW=kw, INPUT_PRECISION=_input_precision(x), **tiles,
+        padding, padding, m_per_split, *concat_arguments,
+        KH=kh, KW=kw, INPUT_PRECISION=_input_precision(x), UPSAMPLE=upsample, **tiles,
     )  # fmt: skip
     total = partial[0] if split == 1 else partial.sum(0)
     return total.view(c_out, kh, kw, c_in).permute(0, 3, 1, 2).to(grad.dtype).contiguous()

@@ -105,6 +105,17 @@ def _pixel_block(pixel_block, num_pixels, height, width, BLOCK_PIXELS: tl.conste
 
 
 @triton.jit
+def bilinear_blend(
+    top_left, top_right, bottom_left, bottom_right, h_lambda0, h_lambda1, w_lambda0, w_lambda1
+):
+    """PyTorch's order, in fp32: h0 * (w0 * a + w1 * b) + h1 * (w0 * c + w1 * d). Shared with
+    the decoder conv's loader, so both round the upsampled values alike."""
+    top = w_lambda0 * top_left.to(tl.float32) + w_lambda1 * top_right.to(tl.float32)
+    bottom = w_lambda0 * bottom_left.to(tl.float32) + w_lambda1 * bottom_right.to(tl.float32)
+    return h_lambda0 * top + h_lambda1 * bottom
+
+
+@triton.jit
 def _upsample_concat_forward_kernel(
     x_ptr, skip_ptr, out_ptr,
     row_src0_ptr, row_src1_ptr, row_lambda0_ptr, row_lambda1_ptr,
@@ -159,12 +170,10 @@ def _upsample_concat_forward_kernel(
             bottom_right = tl.load(
                 x_image + (h1 * x_stride_h + w1 * x_stride_w)[:, None], mask=mask
             )
-            # PyTorch's order: h0 * (w0 * a + w1 * b) + h1 * (w0 * c + w1 * d), in fp32.
-            top = w_lambda0 * top_left.to(tl.float32) + w_lambda1 * top_right.to(tl.float32)
-            bottom = w_lambda0 * bottom_left.to(tl.float32) + w_lambda1 * bottom_right.to(
-                tl.float32
-            )
-            values = (h_lambda0 * top + h_lambda1 * bottom).to(out_ptr.dtype.element_ty)
+            values = bilinear_blend(
+                top_left, top_right, bottom_left, bottom_right,
+                h_lambda0, h_lambda1, w_lambda0, w_lambda1,
+            ).to(out_ptr.dtype.element_ty)  # fmt: skip
         out_channels = skip_channels + channels
         tl.store(out_pixel[:, None] + out_channels[None, :] * out_stride_c, values, mask=mask)
 

@@ -63,6 +63,15 @@ def compile_for(kernel, args: dict, constexprs: dict, config, capability: int):
     }
 
 
+def concat_arguments(dtype, n, h, w, c_skip):
+    """The fused loader's arguments: skip (c_skip channels at h x w) and the axis tables."""
+    names = [f"{axis}_{name}_ptr" for axis in ("row", "col")
+             for name in ("src0", "src1", "lambda0", "lambda1")]  # fmt: skip
+    tables = {name: "fp32" if "lambda" in name else "i32" for name in names}
+    return dict(skip_ptr=dtype, C_SKIP=c_skip, stride_sn=h * w * c_skip, stride_sh=w * c_skip,
+                stride_sw=c_skip, **tables)  # fmt: skip
+
+
 def conv_builds():
     n, h, w, c_in, c_out = 16, 64, 64, 128, 128
     tensors = ("x_ptr", "w_ptr", "bias_ptr", "out_ptr")
@@ -70,22 +79,42 @@ def conv_builds():
     sizes = dict(
         N=n, H=h, W=w, C_IN=c_in, H_OUT=h, W_OUT=w, C_OUT=c_out, PAD_H=1, PAD_W=1, **strides
     )
+    plain = dict(UPSAMPLE="none")
     for dtype, precision, size in (("bf16", "ieee", 2), ("fp16", "ieee", 2), ("fp32", "tf32", 4)):
-        args = {**sizes, **dict.fromkeys(tensors, dtype)}
+        args = {**sizes, **dict.fromkeys(tensors, dtype), **concat_arguments(dtype, n, h, w, 0)}
         named = {"x_ptr": _Sized(size), "C_IN": c_in, "C_OUT": c_out}
         for config in conv2d_relu._prune_configs(conv2d_relu.GEMM_CONFIGS, named):
-            constexprs = dict(KH=3, KW=3, HAS_BIAS=True, RELU=True, INPUT_PRECISION=precision)
+            constexprs = dict(KH=3, KW=3, HAS_BIAS=True, RELU=True, INPUT_PRECISION=precision,
+                              **plain)  # fmt: skip
             yield conv2d_relu._conv2d_kernel, args, constexprs, config, 90
     grad_args = {**sizes, "grad_ptr": "bf16", "x_ptr": "bf16", "partial_ptr": "fp32",
-                 "M_PER_SPLIT": 4096}  # fmt: skip
+                 "M_PER_SPLIT": 4096, **concat_arguments("bf16", n, h, w, 0)}  # fmt: skip
     named = {"x_ptr": _Sized(2), "C_IN": c_in, "C_OUT": c_out}
     for config in conv2d_relu._prune_configs(conv2d_relu.GRAD_WEIGHT_CONFIGS, named):
-        constexprs = dict(KH=3, KW=3, INPUT_PRECISION="ieee")
+        constexprs = dict(KH=3, KW=3, INPUT_PRECISION="ieee", **plain)
         yield conv2d_relu._conv2d_grad_weight_kernel, grad_args, constexprs, config, 90
     first = conv2d_relu.GEMM_CONFIGS[0]
-    args = {**sizes, **dict.fromkeys(tensors, "bf16")}
-    constexprs = dict(KH=1, KW=1, HAS_BIAS=False, RELU=False, INPUT_PRECISION="ieee")
+    args = {**sizes, **dict.fromkeys(tensors, "bf16"), **concat_arguments("bf16", n, h, w, 0)}
+    constexprs = dict(KH=1, KW=1, HAS_BIAS=False, RELU=False, INPUT_PRECISION="ieee", **plain)
     yield conv2d_relu._conv2d_kernel, args, constexprs, first, 80  # Ampere: mma.sync
+    # The decoder conv: skip (c_in / 3 channels) and x (2 c_in / 3 at half size) read directly.
+    c_skip, c_x = 64, 128
+    low = dict(stride_xn=h * w * c_x // 4, stride_xh=w * c_x // 2, stride_xw=c_x)
+    fused = {**sizes, **low, "C_IN": c_skip + c_x, **dict.fromkeys(tensors, "bf16"),
+             **concat_arguments("bf16", n, h, w, c_skip)}  # fmt: skip
+    for mode in ("nearest", "bilinear"):
+        constexprs = dict(KH=3, KW=3, HAS_BIAS=True, RELU=True, INPUT_PRECISION="ieee",
+                          UPSAMPLE=mode)  # fmt: skip
+        yield conv2d_relu._conv2d_kernel, fused, constexprs, first, 90
+        grad_fused = {**fused, "grad_ptr": "bf16", "partial_ptr": "fp32", "M_PER_SPLIT": 4096}
+        constexprs = dict(KH=3, KW=3, INPUT_PRECISION="ieee", UPSAMPLE=mode)
+        yield (
+            conv2d_relu._conv2d_grad_weight_kernel,
+            grad_fused,
+            constexprs,
+            conv2d_relu.GRAD_WEIGHT_CONFIGS[0],
+            90,
+        )
     relu_args = dict(grad_out_ptr="bf16", out_ptr="bf16", grad_ptr="bf16",
                      bias_partial_ptr="fp32", M=n * h * w, C=c_out)  # fmt: skip
     relu_config = triton.Config({}, num_warps=4, num_stages=1)

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from fastunet.models._base import UNetBase
 from fastunet.models.reference import ReferenceUNet
-from fastunet.nn import Conv2dReLU, MaxPool2d, UpsampleConcat
+from fastunet.nn import Conv2dReLU, MaxPool2d
 from fastunet.ops._common import memory_format_of
 
 
@@ -35,7 +35,6 @@ class UNet(UNetBase):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.pool = MaxPool2d()
-        self.upsample_concat = UpsampleConcat(self.upsample, self.align_corners)
 
     def double_conv(self, in_channels: int, out_channels: int) -> nn.Module:
         return FusedDoubleConv(in_channels, out_channels)
@@ -59,7 +58,10 @@ class UNet(UNetBase):
             skips.append(x)
         x = skips.pop()
         for level in reversed(range(self.depth)):
-            x = self.decoders[level](self.upsample_concat(x, skips[level]))
+            # The first conv reads skip and the upsampled x directly: no concat tensor.
+            decoder = self.decoders[level]
+            x = decoder.conv1.forward_upsampled(x, skips[level], self.upsample, self.align_corners)
+            x = decoder.conv2(x)
         return self.head(x).contiguous(memory_format=layout)
 
     @classmethod

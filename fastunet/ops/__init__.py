@@ -8,5 +8,12 @@ autocast rule.
 from fastunet.ops.conv2d_relu import conv2d_relu
 from fastunet.ops.max_pool2d import max_pool2d, max_pool2d_with_argmax
 from fastunet.ops.upsample_concat import upsample_concat
+from fastunet.ops.upsample_concat_conv2d_relu import upsample_concat_conv2d_relu
 
-__all__ = ["conv2d_relu", "max_pool2d", "max_pool2d_with_argmax", "upsample_concat"]
+__all__ = [
+    "conv2d_relu",
+    "max_pool2d",
+    "max_pool2d_with_argmax",
+    "upsample_concat",
+    "upsample_concat_conv2d_relu",
+]

@@ -18,7 +18,7 @@ from fastunet.kernels import INTERPRET as TRITON_INTERPRET
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # The ops and the kind of kernel that serves them on a GPU.
-TRITON_OPS = ("conv2d_relu", "upsample_concat")
+TRITON_OPS = ("conv2d_relu", "upsample_concat", "upsample_concat_conv2d_relu")
 NATIVE_OPS = ("max_pool2d",)
 
 

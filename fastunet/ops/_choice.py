@@ -70,11 +70,17 @@ def _torch_max_pool2d(x):
     return F.max_pool2d(x, 2)
 
 
+def _torch_upsample_concat_conv2d_relu(x, skip, weight, bias, padding, relu, mode, align_corners):
+    concat = _torch_upsample_concat(x, skip, mode, align_corners)
+    return _torch_conv2d_relu(concat, weight, bias, padding, relu)
+
+
 # PyTorch's own path for each op: exactly the composite the op's contract names.
 TORCH_PATHS = {
     "conv2d_relu": _torch_conv2d_relu,
     "upsample_concat": _torch_upsample_concat,
     "max_pool2d": _torch_max_pool2d,
+    "upsample_concat_conv2d_relu": _torch_upsample_concat_conv2d_relu,
 }
 
 CPU_CHOICE = Choice(

@@ -28,29 +28,35 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 def _check(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> tuple[int, ...]:
     """Validate the arguments; return the output shape."""
     check_activation(OP, "x", x)
-    check_floating(OP, "weight", weight)
+    return check_conv(OP, "x", x.shape, x, weight, bias, padding)
+
+
+def check_conv(op: str, name: str, x_shape, x: Tensor, weight: Tensor, bias, padding: int):
+    """Validate weight, bias and padding for an input `name` of x_shape whose device and dtype
+    are x's (the decoder op's input is a concat that is never made); return the output shape."""
+    check_floating(op, "weight", weight)
     if weight.dim() != 4:
         raise ValueError(
-            f"{OP}: weight must be 4-D (C_out, C_in, KH, KW), got shape {tuple(weight.shape)}"
+            f"{op}: weight must be 4-D (C_out, C_in, KH, KW), got shape {tuple(weight.shape)}"
         )
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(
-            f"{OP}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}"
+            f"{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}"
         )
-    check_same_device_and_dtype(OP, x=x, weight=weight, bias=bias)
-    n, c_in, h, w = x.shape
+    check_same_device_and_dtype(op, x=x, weight=weight, bias=bias)
+    n, c_in, h, w = x_shape
     c_out, weight_c_in, kh, kw = weight.shape
     if c_in != weight_c_in:
         raise ValueError(
-            f"{OP}: x has {c_in} channels (shape {tuple(x.shape)}) but weight expects "
+            f"{op}: {name} has {c_in} channels (shape {tuple(x_shape)}) but weight expects "
             f"{weight_c_in} (shape {tuple(weight.shape)})"
         )
     if padding < 0:
-        raise ValueError(f"{OP}: padding must be >= 0, got {padding}")
+        raise ValueError(f"{op}: padding must be >= 0, got {padding}")
     h_out, w_out = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
     if h_out < 1 or w_out < 1:
         raise ValueError(
-            f"{OP}: input {h}x{w} with padding {padding} is smaller than the {kh}x{kw} kernel"
+            f"{op}: input {h}x{w} with padding {padding} is smaller than the {kh}x{kw} kernel"
         )
     return n, c_out, h_out, w_out
 
@@ -64,7 +70,7 @@ def _upcast(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.to(_compute_dtype(t.dtype))
 
 
-def _bias_grad(grad: Tensor) -> Tensor:
+def bias_grad_sum(grad: Tensor) -> Tensor:
     """grad summed over N, H, W in fp32, or in float64 for float64."""
     return grad.sum((0, 2, 3), dtype=_compute_dtype(grad.dtype)).to(grad.dtype)
 
@@ -107,7 +113,7 @@ def conv2d_relu_grad_output(grad_out: Tensor, out: Tensor) -> tuple[Tensor, Tens
     # Zero where out <= 0, not "keep where out > 0": a NaN output passes the gradient, as in
     # PyTorch's threshold_backward.
     grad = torch.where(out <= 0, 0, grad_out).contiguous(memory_format=CHANNELS_LAST)
-    return grad, _bias_grad(grad)
+    return grad, bias_grad_sum(grad)
 
 
 @conv2d_relu_grad_output.register_fake
@@ -169,7 +175,7 @@ def _backward(ctx, grad_out):
     else:
         grad = grad_out
         if need_bias:
-            grad_bias = _bias_grad(grad_out)
+            grad_bias = bias_grad_sum(grad_out)
     grad_x = grad_w = None
     if need_x:
         grad_x = conv2d_grad_input(grad, weight, x.shape[2], x.shape[3], ctx.padding)

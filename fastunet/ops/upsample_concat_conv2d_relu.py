@@ -1,0 +1,145 @@
+"""fastunet::upsample_concat_conv2d_relu: a decoder conv that reads skip and x directly.
+
+Forward: `conv2d_relu(upsample_concat(x, skip, mode, align_corners), weight, bias, padding,
+relu)`. The Triton kernel loads the first C_skip input channels from skip and the rest from x at
+the upsampled coordinates (nearest: PyTorch's source index; bilinear: PyTorch's indices and fp32
+weights, rounded to the dtype as the concat tensor would be), so the concat tensor is never
+written, and the backward saves x and skip instead of it.
+
+Backward: the ReLU mask and bias gradient as for conv2d_relu; grad_weight reads through the same
+loader (its own op); grad_input of the concat comes from conv2d_grad_input and splits into
+grad_skip (the first C_skip channels) and grad_x, the deterministic upsample backward of the
+rest.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastunet.ops._backend import choose
+from fastunet.ops._common import autocast_to_lower_precision, empty_channels_last, kernel_device
+from fastunet.ops.conv2d_relu import (
+    bias_grad_sum,
+    check_conv,
+    conv2d_grad_input,
+    conv2d_grad_weight,
+    conv2d_relu,
+    conv2d_relu_grad_output,
+)
+from fastunet.ops.upsample_concat import _check as check_upsample_concat
+from fastunet.ops.upsample_concat import upsample_concat, upsample_grad
+
+OP = "upsample_concat_conv2d_relu"
+
+
+def _check(x, skip, weight, bias, padding, mode) -> tuple[int, ...]:
+    """Validate the arguments; return the output shape."""
+    concat_shape = check_upsample_concat(x, skip, mode)
+    return check_conv(OP, "cat([skip, upsample(x)])", concat_shape, skip, weight, bias, padding)
+
+
+def _triton_kernels(t: Tensor):
+    """The conv launchers (whose loader reads the concat from skip and x) if the Triton kernels
+    serve this tensor, else None."""
+    if not choose(OP, t.device, t.dtype).is_triton:
+        return None
+    from fastunet.kernels import conv2d_relu as kernels
+
+    return kernels
+
+
+@torch.library.custom_op("fastunet::upsample_concat_conv2d_relu", mutates_args=())
+def upsample_concat_conv2d_relu(
+    x: Tensor,
+    skip: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    padding: int = 1,
+    relu: bool = True,
+    mode: str = "nearest",
+    align_corners: bool = False,
+) -> Tensor:
+    """conv2d_relu(upsample_concat(x, skip, mode, align_corners), weight, bias, padding, relu)
+    without the concat tensor; returns a channels_last tensor."""
+    _check(x, skip, weight, bias, padding, mode)
+    if kernels := _triton_kernels(x):
+        with kernel_device(x):
+            concat = (skip, mode, align_corners)
+            return kernels.forward(x, weight, bias, padding, relu, concat)
+    concat = upsample_concat(x, skip, mode, align_corners)
+    return conv2d_relu(concat, weight, bias, padding, relu)
+
+
+@upsample_concat_conv2d_relu.register_fake
+def _(x, skip, weight, bias=None, padding=1, relu=True, mode="nearest", align_corners=False):
+    return empty_channels_last(_check(x, skip, weight, bias, padding, mode), x)
+
+
+@torch.library.custom_op("fastunet::upsample_concat_conv2d_grad_weight", mutates_args=())
+def upsample_concat_conv2d_grad_weight(
+    grad: Tensor,
+    x: Tensor,
+    skip: Tensor,
+    kernel_height: int,
+    kernel_width: int,
+    padding: int,
+    mode: str,
+    align_corners: bool,
+) -> Tensor:
+    """d(loss)/d(weight) given the pre-activation gradient, reading the concat through skip and
+    the upsampled x."""
+    if kernels := _triton_kernels(grad):
+        with kernel_device(grad):
+            concat = (skip, mode, align_corners)
+            return kernels.grad_weight(grad, x, kernel_height, kernel_width, padding, concat)
+    concat = upsample_concat(x, skip, mode, align_corners)
+    return conv2d_grad_weight(grad, concat, kernel_height, kernel_width, padding)
+
+
+@upsample_concat_conv2d_grad_weight.register_fake
+def _(grad, x, skip, kernel_height, kernel_width, padding, mode, align_corners):
+    c_in = skip.shape[1] + x.shape[1]
+    return grad.new_empty((grad.shape[1], c_in, kernel_height, kernel_width))
+
+
+def _setup_context(ctx, inputs, output):
+    x, skip, weight, bias, padding, relu, mode, align_corners = inputs
+    ctx.save_for_backward(x, skip, weight, output if relu else None)
+    ctx.padding, ctx.relu, ctx.has_bias = padding, relu, bias is not None
+    ctx.mode, ctx.align_corners = mode, align_corners
+
+
+def _backward(ctx, grad_out):
+    x, skip, weight, out = ctx.saved_tensors
+    need_x, need_skip, need_weight = ctx.needs_input_grad[:3]
+    need_bias = ctx.has_bias and ctx.needs_input_grad[3]
+    grad_bias = None
+    if ctx.relu:
+        grad, grad_bias = conv2d_relu_grad_output(grad_out, out)
+    else:
+        grad = grad_out
+        if need_bias:
+            grad_bias = bias_grad_sum(grad_out)
+    grad_x = grad_skip = grad_w = None
+    if need_x or need_skip:
+        height, width = skip.shape[2:]
+        grad_concat = conv2d_grad_input(grad, weight, height, width, ctx.padding)
+        c_skip = skip.shape[1]
+        if need_skip:
+            grad_skip = grad_concat[:, :c_skip]
+        if need_x:
+            grad_x = upsample_grad(
+                grad_concat[:, c_skip:], x.shape[2], x.shape[3], ctx.mode, ctx.align_corners
+            )
+    if need_weight:
+        kh, kw = weight.shape[2:]
+        grad_w = upsample_concat_conv2d_grad_weight(
+            grad, x, skip, kh, kw, ctx.padding, ctx.mode, ctx.align_corners
+        )
+    grad_bias = grad_bias if need_bias else None
+    return grad_x, grad_skip, grad_w, grad_bias, None, None, None, None
+
+
+upsample_concat_conv2d_relu.register_autograd(_backward, setup_context=_setup_context)
+autocast_to_lower_precision(OP)

@@ -1,0 +1,190 @@
+"""The decoder conv without a concat tensor: fastunet::upsample_concat_conv2d_relu.
+
+Kernel tier: small, odd shapes on the device that runs the Triton kernels (the CPU under the
+interpreter without a GPU), against float64: forward and the gradients of x, skip, weight and
+bias, both modes, both layouts, NaN-poisoned allocations, a bitwise-repeatable backward. Then
+opcheck, torch.compile, the UNet's decoders, and what the UNet saves for the backward.
+"""
+
+import pytest
+import torch
+from helpers import (
+    KERNEL_DEVICE,
+    assert_kernel_backend,
+    assert_parity,
+    in_layout,
+    output_and_grads,
+    poison_allocations,
+    torch_conv2d_relu,
+    torch_upsample_concat,
+)
+from torch.library import opcheck
+
+from fastunet import ReferenceUNet, UNet, ops
+from fastunet.bench.parity import relative_error
+from fastunet.ops.upsample_concat_conv2d_relu import upsample_concat_conv2d_grad_weight
+
+MODES = [("nearest", False), ("bilinear", False), ("bilinear", True)]
+MODE_IDS = ["nearest", "bilinear", "bilinear-align_corners"]
+
+# (x shape, skip shape, C_out, kernel, padding, bias, relu): 2x, odd and identity-size axes,
+# channel counts off every block size, the skip/x boundary inside a channel block.
+CASES = {
+    "2x": ((2, 6, 3, 4), (2, 5, 6, 8), 7, 3, 1, True, True),
+    "odd": ((1, 3, 3, 5), (1, 4, 7, 11), 5, 3, 1, False, True),
+    "same-size": ((1, 4, 5, 6), (1, 3, 5, 6), 4, 3, 1, True, False),
+    "head-like-1x1": ((2, 5, 2, 3), (2, 3, 4, 5), 2, 1, 0, True, False),
+    "many-channels": ((1, 40, 2, 2), (1, 37, 4, 3), 6, 3, 1, True, True),
+}
+
+
+def fused(x, skip, weight, bias, padding, relu, mode, align_corners):
+    return ops.upsample_concat_conv2d_relu(
+        x, skip, weight, bias, padding, relu, mode, align_corners
+    )
+
+
+def unfused(x, skip, weight, bias, padding, relu, mode, align_corners):
+    concat = torch_upsample_concat(x, skip, mode, align_corners)
+    return torch_conv2d_relu(concat, weight, bias, padding, relu)
+
+
+def make_case(case, dtype, layout, device=KERNEL_DEVICE):
+    x_shape, skip_shape, c_out, kernel, padding, bias, relu = CASES[case]
+    c_in = x_shape[1] + skip_shape[1]
+    x = in_layout(torch.randn(x_shape, device=device, dtype=dtype), layout)
+    skip = in_layout(torch.randn(skip_shape, device=device, dtype=dtype), layout)
+    weight = torch.randn(c_out, c_in, kernel, kernel, device=device) * (c_in * kernel**2) ** -0.5
+    b = torch.randn(c_out, device=device, dtype=dtype) if bias else None
+    grad_out = torch.randn(skip_shape[0], c_out, skip_shape[2] + 2 * padding - kernel + 1,
+                           skip_shape[3] + 2 * padding - kernel + 1, device=device)  # fmt: skip
+    return [x, skip, weight.to(dtype), b], (padding, relu), grad_out
+
+
+@pytest.mark.parametrize("mode,align_corners", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_and_every_gradient_against_float64(
+    case, dtype, layout, mode, align_corners, monkeypatch
+):
+    assert_kernel_backend("conv2d_relu", KERNEL_DEVICE, dtype)
+    inputs, (padding, relu), grad_out = make_case(case, dtype, layout)
+    args = (padding, relu, mode, align_corners)
+    poison_allocations(monkeypatch)
+    ours = output_and_grads(fused, inputs, grad_out, *args)
+    as64 = [None if t is None else t.double() for t in inputs]
+    truth = output_and_grads(unfused, as64, grad_out, *args)
+    theirs = output_and_grads(unfused, inputs, grad_out, *args)
+    names = ["output", "grad_x", "grad_skip", "grad_weight", "grad_bias"]
+    for name, got, expected, torch_got in zip(names, ours, truth, theirs, strict=True):
+        if expected is None:
+            assert got is None, name
+            continue
+        assert got.dtype == dtype and got.shape == expected.shape, name
+        assert not got.isnan().any(), f"{name} has NaN"
+        if dtype == torch.float32:
+            assert relative_error(got, expected) <= 1e-5, name
+        else:
+            assert_parity(got, torch_got, expected, name)
+    assert ours[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_nan_in_x_reaches_the_same_outputs_as_pytorch():
+    inputs, (padding, relu), _ = make_case("2x", torch.float32, "channels_last")
+    inputs[0][0, 2, 1, 1] = float("nan")
+    for mode, align_corners in MODES:
+        args = (*inputs, padding, relu, mode, align_corners)
+        assert torch.equal(fused(*args).isnan(), unfused(*args).isnan()), mode
+
+
+@pytest.mark.parametrize("mode,align_corners", MODES, ids=MODE_IDS)
+def test_backward_is_bitwise_repeatable(mode, align_corners):
+    inputs, (padding, relu), grad_out = make_case("odd", torch.float16, "channels_last")
+    args = (padding, relu, mode, align_corners)
+    first = output_and_grads(fused, inputs, grad_out, *args)
+    second = output_and_grads(fused, inputs, grad_out, *args)
+    for a, b in zip(first, second, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_batch_of_zero():
+    x = torch.randn(0, 4, 3, 3, device=KERNEL_DEVICE, requires_grad=True)
+    skip = torch.randn(0, 2, 6, 6, device=KERNEL_DEVICE, requires_grad=True)
+    weight = torch.randn(3, 6, 3, 3, device=KERNEL_DEVICE, requires_grad=True)
+    out = ops.upsample_concat_conv2d_relu(x, skip, weight)
+    assert out.shape == (0, 3, 6, 6)
+    out.sum().backward()
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def test_errors_name_the_shapes():
+    x, skip = torch.randn(1, 4, 3, 3), torch.randn(1, 2, 6, 6)
+    with pytest.raises(ValueError, match="expects 5"):
+        ops.upsample_concat_conv2d_relu(x, skip, torch.randn(3, 5, 3, 3))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ops.upsample_concat_conv2d_relu(x, skip, torch.randn(3, 6, 3, 3), mode="bicubic")
+
+
+def opcheck_cases():
+    inputs, (padding, relu), grad_out = make_case("odd", torch.float32, "channels_last")
+    x, skip, weight = (t.requires_grad_() for t in inputs[:3])
+    grad = grad_out.contiguous(memory_format=torch.channels_last)
+    fused_op, grad_weight_op = ops.upsample_concat_conv2d_relu, upsample_concat_conv2d_grad_weight
+    return [
+        (fused_op, (x, skip, weight, None, padding, relu, "nearest", False)),
+        (fused_op, (x, skip, weight, None, 0, False, "bilinear", True)),
+        (grad_weight_op, (grad, x.detach(), skip.detach(), 3, 3, 1, "bilinear", False)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_opcheck(case):
+    op, args = opcheck_cases()[case]
+    opcheck(op, args)
+
+
+def test_compiles_with_fullgraph():
+    inputs, (padding, relu), _ = make_case("2x", torch.float32, "channels_last")
+    args = (*inputs, padding, relu, "bilinear", False)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args), fused(*args))
+
+
+def test_unet_decoders_use_it(monkeypatch):
+    monkeypatch.setenv("FASTUNET_BACKEND", "fastunet")  # no layer may choose PyTorch's path
+    calls = []
+    real = ops.upsample_concat_conv2d_relu
+    monkeypatch.setattr(ops, "upsample_concat_conv2d_relu", lambda *a: calls.append(1) or real(*a))
+    reference = ReferenceUNet(3, 2, 4, 2, upsample="bilinear")
+    fast = UNet.from_reference(reference)
+    x = torch.randn(1, 3, 12, 8)
+    torch.testing.assert_close(fast(x), reference(x), rtol=1e-5, atol=1e-6)
+    assert len(calls) == 2  # one per decoder level
+    assert fast.state_dict().keys() == reference.state_dict().keys()
+
+
+def saved_bytes(model, x) -> int:
+    """Bytes of the distinct storages autograd saves for the backward of model(x), parameters
+    left out (the model holds them anyway)."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(storages.values())
+
+
+def test_unet_saves_at_most_0_7x_what_the_reference_saves(monkeypatch):
+    monkeypatch.setenv("FASTUNET_BACKEND", "fastunet")
+    reference = ReferenceUNet(3, 2, 8, 4)
+    fast = UNet.from_reference(reference)
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    ours, theirs = saved_bytes(fast, x), saved_bytes(reference, x)
+    assert ours <= 0.7 * theirs, f"{ours} bytes saved against the reference's {theirs}"
