@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import backend_device, output_and_grads, torch_conv2d_relu, torch_upsample_concat
 from torch.library import opcheck
 
 from fastunet import ops
@@ -192,3 +193,47 @@ def test_without_triton_the_triton_ops_say_why_and_run_the_composite(monkeypatch
         _backend.triton_kernels_error.cache_clear()
     assert backend.name == "torch"
     assert "triton is not importable" in backend.reason
+
+
+# Four answers that differed from PyTorch's, on both backends (tests/test_fuzz.py generalises them).
+
+
+def test_conv2d_relu_reads_a_strided_or_expanded_bias(backend):
+    device = backend_device(backend)
+    x, weight = torch.randn(1, 3, 5, 5, device=device), torch.randn(3, 3, 3, 3, device=device)
+    for bias in (torch.randn(6, device=device)[::2], torch.tensor([0.5], device=device).expand(3)):
+        expected = torch_conv2d_relu(x, weight, bias, 1, True)
+        torch.testing.assert_close(ops.conv2d_relu(x, weight, bias), expected)
+
+
+def test_relu_backward_passes_the_gradient_where_the_output_is_nan(backend):
+    device = backend_device(backend)
+    x, weight = torch.randn(1, 2, 4, 4, device=device), torch.randn(3, 2, 3, 3, device=device)
+    x[0, 0, 1, 2] = float("nan")
+    bias, grad_out = torch.randn(3, device=device), torch.randn(1, 3, 4, 4, device=device)
+    ours = output_and_grads(ops.conv2d_relu, (x, weight, bias), grad_out, 1, True)
+    expected = output_and_grads(torch_conv2d_relu, (x, weight, bias), grad_out, 1, True)
+    torch.testing.assert_close(ours, expected, equal_nan=True)  # [out, grad_x, grad_w, grad_b]
+
+
+@pytest.mark.parametrize("size", [(4, 6), (8, 3)], ids=["same-height", "same-width"])
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_bilinear_reads_one_element_on_an_axis_that_keeps_its_size(backend, size, align_corners):
+    device = backend_device(backend)
+    x, skip = torch.randn(1, 2, 4, 3, device=device), torch.randn(1, 1, *size, device=device)
+    x[0, 0, 1, 1], x[0, 1, 2, 0] = float("inf"), float("nan")
+    grad_out = torch.randn(1, 3, *size, device=device)
+    grad_out[0, 1, 2, 2] = float("inf")
+    args = (x, skip), grad_out, "bilinear", align_corners
+    ours = output_and_grads(ops.upsample_concat, *args)  # [out, grad_x, grad_skip]
+    expected = output_and_grads(torch_upsample_concat, *args)
+    torch.testing.assert_close(ours, expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("relu", [True, False])
+def test_float64_bias_gradient_sums_in_float64(relu):
+    x, weight = torch.randn(2, 3, 9, 9).double(), torch.randn(4, 3, 3, 3).double()
+    bias, grad_out = torch.randn(4).double(), torch.randn(2, 4, 9, 9).double()
+    ours = output_and_grads(ops.conv2d_relu, (x, weight, bias), grad_out, 1, relu)[3]
+    expected = output_and_grads(torch_conv2d_relu, (x, weight, bias), grad_out, 1, relu)[3]
+    torch.testing.assert_close(ours, expected, rtol=1e-14, atol=0)  # fp32 sums are 4e-8 off
