@@ -12,9 +12,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-from helpers import KERNEL_DEVICE, assert_kernel_backend
+from helpers import KERNEL_DEVICE, assert_kernel_backend, interpreter_problem
+
+from fastunet.kernels import INTERPRET
+from fastunet.ops._backend import package_version
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+def pytest_configure(config):
+    """One clear error, not an InterpreterError per kernel test, on a Triton/numpy pair whose
+    interpreter is broken."""
+    problem = interpreter_problem(INTERPRET, package_version("triton"), package_version("numpy"))
+    if problem:
+        raise pytest.UsageError(problem)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn.functional as F
+from packaging.version import Version
 
 from fastunet.bench.parity import relative_error
 from fastunet.ops._backend import choose
@@ -21,6 +22,21 @@ def backend_device(backend: str) -> str:
     """Where a test of the `backend` fixture puts its tensors: the kernels' device, or the CPU
     for the composite."""
     return KERNEL_DEVICE if backend == "kernels" else "cpu"
+
+
+def interpreter_problem(interpret: bool, triton: str | None, numpy: str | None) -> str | None:
+    """Why Triton's interpreter cannot run the kernels with these versions, or None. Triton
+    before 3.8 fails under numpy >= 2.4 with an InterpreterError in every kernel test
+    (triton-lang/triton#9171). Without the interpreter (on a GPU) the versions do not matter."""
+    if not (interpret and triton and numpy):
+        return None
+    if Version(triton).release[:2] >= (3, 8) or Version(numpy).release[:2] < (2, 4):
+        return None
+    return (
+        f"Triton {triton}'s interpreter, which runs the kernel tests without a GPU "
+        f"(TRITON_INTERPRET=1), fails with numpy {numpy} (numpy >= 2.4 needs Triton >= 3.8, "
+        'triton-lang/triton#9171). Fix: pip install "numpy<2.4", or pip install "triton>=3.8".'
+    )
 
 
 def assert_kernel_backend(op: str, device, dtype) -> None:
