@@ -7,6 +7,8 @@ implicit im2col matrix is a masked, contiguous load per pixel. Every kernel accu
                k = (kh, kw, ci): GEMM M = N*H_out*W_out, N = C_out, K = KH*KW*C_in.
 - grad_input:  the same kernel on grad with the kernel flipped and C_in/C_out swapped
                (a stride-1 transposed convolution is a convolution with padding KH-1-pad).
+               An inf or NaN weight times that zero padding gives NaN at grad_x's border,
+               where PyTorch's col2im never forms the product.
 - grad_weight: dW[co, k] = sum_m grad[m, co] * A[m, k], a reduction over N*H*W split into
                SPLIT slices that fill the GPU; the slices are summed in a fixed order (no atomics).
 - relu_grad:   the ReLU mask applied to grad_output, with the bias gradient from the same pass.
