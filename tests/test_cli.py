@@ -11,7 +11,9 @@ from fastunet.cli import main
 def test_info_reports_every_op_with_a_reason():
     report = fastunet.info("cpu")
     assert report["fastunet"] == fastunet.__version__
-    assert set(report["ops"]) == {"conv2d_relu", "upsample_concat", "max_pool2d"}
+    assert set(report["ops"]) == {
+        "conv2d_relu", "upsample_concat", "max_pool2d", "upsample_concat_conv2d_relu"
+    }  # fmt: skip
     for backend in report["ops"].values():
         assert backend["name"] and backend["reason"]
 

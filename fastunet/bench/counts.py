@@ -48,6 +48,28 @@ def upsample_counts(s: UpsampleShape, element_size: int, backward: bool) -> dict
     return {"flops": 0, "bytes": elements * element_size}
 
 
+def decoder_conv_counts(
+    conv: ConvShape, up: UpsampleShape, element_size: int, backward: bool
+) -> dict:
+    """upsample_concat_conv2d_relu: the conv's counts with skip and x read in place of the
+    concat; its backward still forms the concat's gradient, which the upsample backward reads."""
+    x = up.batch * up.x_channels * up.x_height * up.x_width
+    skip = up.batch * up.skip_channels * up.height * up.width
+    upsampled = up.batch * up.x_channels * up.height * up.width
+    y = conv.batch * conv.out_channels * conv.height * conv.width
+    w = conv.out_channels * conv.in_channels * conv.kernel**2
+    b = conv.out_channels
+    flops, elements = conv.flops(), x + skip + w + b + y
+    if backward:
+        grad = y
+        elements += y + y + grad + b  # the ReLU mask and bias gradient
+        elements += grad + w + skip + upsampled  # the concat's gradient
+        elements += upsampled + x  # grad_x, the upsample backward of its x channels
+        elements += grad + x + skip + w  # grad_weight through the fused loader
+        flops += 2 * conv.flops()
+    return {"flops": flops, "bytes": elements * element_size}
+
+
 def model_counts(
     batch: int,
     size: int | tuple[int, int],
@@ -60,10 +82,12 @@ def model_counts(
 ) -> dict:
     """FLOPs and bytes of one UNet forward (and backward, without the optimizer step)."""
     shapes = unet_shapes(batch, size, base_channels, depth, in_channels, num_classes)
+    upsample_of = {f"dec{s.name.removeprefix('up')}.conv1": s for s in shapes["upsample"]}
     parts = [
-        conv_counts(s, element_size, backward, input_grad=i > 0)
+        decoder_conv_counts(s, upsample_of[s.name], element_size, backward)
+        if s.name in upsample_of  # UNet's decoders read skip and x without a concat
+        else conv_counts(s, element_size, backward, input_grad=i > 0)
         for i, s in enumerate(shapes["conv"])
     ]
     parts += [pool_counts(s, element_size, backward) for s in shapes["pool"]]
-    parts += [upsample_counts(s, element_size, backward) for s in shapes["upsample"]]
     return {key: sum(p[key] for p in parts) for key in ("flops", "bytes")}
