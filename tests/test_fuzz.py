@@ -13,6 +13,8 @@ a GPU) and `_C`, in the kernels' dtypes; "torch", the composite, in fp32, fp16 a
 Examples are derandomized, so every run tries the same ones.
 """
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,11 +52,11 @@ EXAMPLES = 100
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 
-def fuzz(test):
+def fuzz(test, examples=EXAMPLES):
     """Bounded, derandomized, no deadline (the interpreter is slow). The backend fixture is set
     once per test, which is what every example of it wants."""
     return settings(
-        max_examples=EXAMPLES,
+        max_examples=examples,
         deadline=None,
         derandomize=True,
         database=None,
@@ -254,4 +256,37 @@ def test_max_pool2d(backend, dtype, n, c, h, w, layouts, values, seed):
     compare(
         ops.max_pool2d, lambda t: F.max_pool2d(t, 2), (x,), grad_out,
         names=("out", "grad_x"), bitwise=("out", "grad_x"),
+    )  # fmt: skip
+
+
+def torch_decoder_conv(x, skip, weight, bias, padding, relu, mode, align_corners):
+    concat = torch_upsample_concat(x, skip, mode, align_corners)
+    return torch_conv2d_relu(concat, weight, bias, padding, relu)
+
+
+@backend_and_dtype
+@functools.partial(fuzz, examples=EXAMPLES // 2)  # a conv and an upsample per example
+@given(
+    shapes=upsample_shapes(),
+    c_out=st.integers(1, 4),
+    kernel=st.sampled_from([1, 3]),
+    bias=st.booleans(),
+    relu=st.booleans(),
+    mode=st.sampled_from([("nearest", False), ("bilinear", False), ("bilinear", True)]),
+    layouts=st.tuples(LAYOUTS_4D, LAYOUTS_4D, LAYOUTS_4D, LAYOUTS_1D, LAYOUTS_4D),
+    values=st.sampled_from(VALUES),
+    seed=SEEDS,
+)
+def test_upsample_concat_conv2d_relu(backend, dtype, shapes, c_out, kernel, bias, relu, mode,
+                                     layouts, values, seed):  # fmt: skip
+    device = backend_device(backend)
+    assert_backend("upsample_concat_conv2d_relu", backend, device, dtype)
+    (n, c_x, _, _), (_, c_skip, h, w) = shapes
+    shapes = [*shapes, (c_out, c_skip + c_x, kernel, kernel), (c_out,), (n, c_out, h, w)]
+    specials = [SPECIALS, SPECIALS, FINITE_SPECIALS, SPECIALS, SPECIALS]
+    x, skip, weight, b, grad_out = tensors(shapes, layouts, values, seed, dtype, device, specials)
+    compare(
+        ops.upsample_concat_conv2d_relu, torch_decoder_conv, (x, skip, weight, b if bias else None),
+        grad_out, kernel // 2, relu, *mode,
+        names=("out", "grad_x", "grad_skip", "grad_weight", "grad_bias"),
     )  # fmt: skip
