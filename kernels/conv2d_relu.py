@@ -3,7 +3,7 @@
 Activations are channels_last (NHWC), so a pixel's channels are contiguous and one tile of the
 implicit im2col matrix is a masked, contiguous load per pixel. Every kernel accumulates in fp32.
 
-- forward:     out[m, co] = relu(bias[co] + sum_k A[m, k] * W[co, k]),  m = (n, oh, ow),
+- forward:     out[m, co] = act(bias[co] + sum_k A[m, k] * W[co, k]),  m = (n, oh, ow),
                k = (kh, kw, ci): GEMM M = N*H_out*W_out, N = C_out, K = KH*KW*C_in.
 - grad_input:  the same kernel on grad with the kernel flipped and C_in/C_out swapped
                (a stride-1 transposed convolution is a convolution with padding KH-1-pad).
@@ -11,7 +11,8 @@ implicit im2col matrix is a masked, contiguous load per pixel. Every kernel accu
                where PyTorch's col2im never forms the product.
 - grad_weight: dW[co, k] = sum_m grad[m, co] * A[m, k], a reduction over N*H*W split into
                SPLIT slices that fill the GPU; the slices are summed in a fixed order (no atomics).
-- relu_grad:   the ReLU mask applied to grad_output, with the bias gradient from the same pass.
+- relu_grad:   the ReLU (or LeakyReLU) mask applied to grad_output, with the bias gradient from
+               the same pass.
 
 The forward and grad_weight kernels also serve the decoder op upsample_concat_conv2d_relu: with
 UPSAMPLE set, their loader reads the input cat([skip, upsample(x)]) from skip and x directly, so
@@ -195,17 +196,18 @@ def _conv2d_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
     N, H, W, C_IN, H_OUT, W_OUT, C_OUT,
     stride_xn, stride_xh, stride_xw,
-    PAD_H, PAD_W,
+    PAD_H, PAD_W, NEGATIVE_SLOPE,
     skip_ptr, C_SKIP, stride_sn, stride_sh, stride_sw,
     row_src0_ptr, row_src1_ptr, row_lambda0_ptr, row_lambda1_ptr,
     col_src0_ptr, col_src1_ptr, col_lambda0_ptr, col_lambda1_ptr,
     KH: tl.constexpr, KW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    UPSAMPLE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, LEAKY: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPSAMPLE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """out (NHWC) = [relu](conv(x, w) + bias); w is [C_OUT, KH, KW, C_IN] contiguous. With
-    UPSAMPLE, the conv's input is cat([skip, upsample(x)]) (H x W, C_IN = C_SKIP + x's)."""
+    """out (NHWC) = [act](conv(x, w) + bias), act ReLU, or LeakyReLU(NEGATIVE_SLOPE) with LEAKY;
+    w is [C_OUT, KH, KW, C_IN] contiguous. With UPSAMPLE, the conv's input is
+    cat([skip, upsample(x)]) (H x W, C_IN = C_SKIP + x's)."""
     M = N * H_OUT * W_OUT
     # Grouped program order: GROUP_M row-tiles share their weight tiles in L2.
     pid = tl.program_id(0)
@@ -249,8 +251,8 @@ def _conv2d_kernel(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
-    if RELU:
-        acc = tl.where(acc < 0, 0.0, acc)  # NaN stays NaN, as in torch.relu
+    if RELU:  # NaN stays NaN, as in torch.relu and leaky_relu; ReLU gives +0.0, not -0.0
+        acc = tl.where(acc < 0, acc * NEGATIVE_SLOPE if LEAKY else 0.0, acc)
     out_pointers = out_ptr + offs_m.to(tl.int64)[:, None] * C_OUT + offs_n[None, :]
     tl.store(
         out_pointers,
@@ -327,10 +329,11 @@ def _conv2d_grad_weight_kernel(
 
 @triton.jit
 def _relu_grad_kernel(
-    grad_out_ptr, out_ptr, grad_ptr, bias_partial_ptr, M, C,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    grad_out_ptr, out_ptr, grad_ptr, bias_partial_ptr, M, C, NEGATIVE_SLOPE,
+    LEAKY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """grad = 0 where out <= 0 else grad_out ([M, C] row-major), and per-block column sums."""
+    """grad = 0 where out <= 0 else grad_out ([M, C] row-major), or with LEAKY grad_out where
+    out > 0 else grad_out * NEGATIVE_SLOPE; and per-block column sums."""
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -338,7 +341,11 @@ def _relu_grad_kernel(
     offsets = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
     grad_out = tl.load(grad_out_ptr + offsets, mask=mask, other=0.0)
     out = tl.load(out_ptr + offsets, mask=mask, other=0.0)
-    grad = tl.where(out <= 0, 0.0, grad_out)  # a NaN output passes the gradient, as in PyTorch
+    # As in PyTorch: a NaN output passes the gradient through ReLU, and scales it in LeakyReLU.
+    if LEAKY:  # the product in fp32, as PyTorch's: a half scalar would round the slope first
+        grad = tl.where(out > 0, grad_out, grad_out.to(tl.float32) * NEGATIVE_SLOPE)
+    else:
+        grad = tl.where(out <= 0, 0.0, grad_out)
     tl.store(grad_ptr + offsets, grad, mask=mask)
     column_sums = tl.sum(grad.to(tl.float32), axis=0)
     tl.store(bias_partial_ptr + pid_m * C + offs_c, column_sums, mask=offs_c < C)
@@ -381,9 +388,10 @@ def _input_arguments(x, concat):
     return shape, (*skip_arguments, *tables), mode
 
 
-def _launch_conv(x, weight_khwc, bias, out, pad_h, pad_w, relu, concat=None):
-    """out = [relu](conv(x, weight) + bias) for NHWC x and out, weight as [C_out, KH, KW, C_in];
-    with concat (see `_input_arguments`) the conv's input is cat([skip, upsample(x)])."""
+def _launch_conv(x, weight_khwc, bias, out, pad_h, pad_w, relu, concat=None, negative_slope=0.0):
+    """out = [act](conv(x, weight) + bias) for NHWC x and out, weight as [C_out, KH, KW, C_in],
+    act ReLU or LeakyReLU(negative_slope > 0); with concat (see `_input_arguments`) the conv's
+    input is cat([skip, upsample(x)])."""
     (n, c_in, h, w), concat_arguments, upsample = _input_arguments(x, concat)
     c_out, kh, kw, _ = weight_khwc.shape
     h_out, w_out = out.shape[2:]
@@ -399,16 +407,19 @@ def _launch_conv(x, weight_khwc, bias, out, pad_h, pad_w, relu, concat=None):
         x, weight_khwc, bias if bias is not None else x, out,
         n, h, w, c_in, h_out, w_out, c_out,
         x.stride(0), x.stride(2), x.stride(3),
-        pad_h, pad_w, *concat_arguments,
-        KH=kh, KW=kw, HAS_BIAS=bias is not None, RELU=relu,
+        pad_h, pad_w, float(negative_slope), *concat_arguments,
+        KH=kh, KW=kw, HAS_BIAS=bias is not None, RELU=relu, LEAKY=negative_slope > 0,
         INPUT_PRECISION=_input_precision(x), UPSAMPLE=upsample, **tiles,
     )  # fmt: skip
     return out
 
 
-def forward(x, weight, bias, padding: int, relu: bool, concat=None) -> torch.Tensor:
-    """relu(conv2d(x, weight, bias, padding)) as a channels_last tensor; with concat =
-    (skip, mode, align_corners) the input is cat([skip, upsample(x, skip's size)]), unstored."""
+def forward(
+    x, weight, bias, padding: int, relu: bool, concat=None, negative_slope: float = 0.0
+) -> torch.Tensor:
+    """relu(conv2d(x, weight, bias, padding)) as a channels_last tensor, leaky_relu with
+    negative_slope > 0; with concat = (skip, mode, align_corners) the input is
+    cat([skip, upsample(x, skip's size)]), unstored."""
     if concat is not None:
         concat = (_channels_last(concat[0]), *concat[1:])
     n = x.shape[0]
@@ -423,7 +434,9 @@ def forward(x, weight, bias, padding: int, relu: bool, concat=None) -> torch.Ten
     weight_khwc = weight.permute(0, 2, 3, 1).contiguous()
     if bias is not None:
         bias = bias.contiguous()  # the kernel reads bias[co] at offset co: no view, no stride 0
-    return _launch_conv(_channels_last(x), weight_khwc, bias, out, padding, padding, relu, concat)
+    return _launch_conv(
+        _channels_last(x), weight_khwc, bias, out, padding, padding, relu, concat, negative_slope
+    )
 
 
 def grad_input(grad, weight, input_height: int, input_width: int, padding: int) -> torch.Tensor:
@@ -499,8 +512,9 @@ def grad_weight(
 RELU_GRAD_BLOCK_M = 64
 
 
-def relu_grad(grad_out, out) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_out, zero where out <= 0, channels_last; its sum over N, H, W for the bias)."""
+def relu_grad(grad_out, out, negative_slope: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_out, zero where out <= 0, or times negative_slope > 0 where out is not > 0,
+    channels_last; its sum over N, H, W for the bias)."""
     n, c, h, w = out.shape
     grad_out, out = _channels_last(grad_out), _channels_last(out)
     grad = torch.empty_like(out, memory_format=torch.channels_last)
@@ -511,6 +525,7 @@ def relu_grad(grad_out, out) -> tuple[torch.Tensor, torch.Tensor]:
     m_blocks = triton.cdiv(m, RELU_GRAD_BLOCK_M)
     partial = torch.empty((m_blocks, c), dtype=torch.float32, device=out.device)
     _relu_grad_kernel[(m_blocks, triton.cdiv(c, block_c))](
-        grad_out, out, grad, partial, m, c, BLOCK_M=RELU_GRAD_BLOCK_M, BLOCK_C=block_c
-    )
+        grad_out, out, grad, partial, m, c, float(negative_slope),
+        LEAKY=negative_slope > 0, BLOCK_M=RELU_GRAD_BLOCK_M, BLOCK_C=block_c,
+    )  # fmt: skip
     return grad, partial.sum(0).to(out.dtype)

@@ -1,7 +1,8 @@
 """Fused upsample + concat and its deterministic backward: Triton kernels and their launchers.
 
-Forward: `out = cat([skip, interpolate(x, size=skip.shape[-2:])], 1)`, channels_last, in one
-kernel that writes each output element once and never materialises the upsampled tensor.
+Forward: `out = cat([skip, interpolate(x, size=skip.shape[-2:])], 1)` (or the upsampled channels
+first), channels_last, in one kernel that writes each output element once and never materialises
+the upsampled tensor.
 Backward: grad_x, the adjoint of the upsample, as a gather: each input element sums the gradient
 of the output positions it contributed to, in a fixed order, with no atomics, so it is bitwise
 repeatable. (PyTorch's bilinear backward on CUDA scatters with atomics.)
@@ -124,11 +125,13 @@ def _upsample_concat_forward_kernel(
     x_stride_n, x_stride_c, x_stride_h, x_stride_w,
     skip_stride_n, skip_stride_c, skip_stride_h, skip_stride_w,
     out_stride_n, out_stride_c, out_stride_h, out_stride_w,
+    skip_offset, x_offset,
     NEAREST: tl.constexpr, BLOCK_PIXELS: tl.constexpr, BLOCK_CHANNELS: tl.constexpr,
 ):  # fmt: skip
     # One program: BLOCK_PIXELS output pixels x BLOCK_CHANNELS channels, either of skip's
-    # channels (a copy) or of x's (the upsample). The channel blocks of one pixel block are
-    # neighbours in launch order, so they share the cache lines of the output rows.
+    # channels (a copy) or of x's (the upsample), written from output channel skip_offset or
+    # x_offset. The channel blocks of one pixel block are neighbours in launch order, so they
+    # share the cache lines of the output rows.
     num_skip_blocks = tl.cdiv(skip_channels, BLOCK_CHANNELS)
     num_channel_blocks = num_skip_blocks + tl.cdiv(x_channels, BLOCK_CHANNELS)
     pid = tl.program_id(0)
@@ -145,7 +148,8 @@ def _upsample_concat_forward_kernel(
         mask = pixel_mask[:, None] & (channels < skip_channels)[None, :]
         skip_pixel = skip_ptr + n * skip_stride_n + oh * skip_stride_h + ow * skip_stride_w
         values = tl.load(skip_pixel[:, None] + channels[None, :] * skip_stride_c, mask=mask)
-        tl.store(out_pixel[:, None] + channels[None, :] * out_stride_c, values, mask=mask)
+        out_channels = skip_offset + channels
+        tl.store(out_pixel[:, None] + out_channels[None, :] * out_stride_c, values, mask=mask)
     else:
         channels = (channel_block - num_skip_blocks).to(tl.int64) * BLOCK_CHANNELS + tl.arange(
             0, BLOCK_CHANNELS
@@ -174,7 +178,7 @@ def _upsample_concat_forward_kernel(
                 top_left, top_right, bottom_left, bottom_right,
                 h_lambda0, h_lambda1, w_lambda0, w_lambda1,
             ).to(out_ptr.dtype.element_ty)  # fmt: skip
-        out_channels = skip_channels + channels
+        out_channels = x_offset + channels
         tl.store(out_pixel[:, None] + out_channels[None, :] * out_stride_c, values, mask=mask)
 
 
@@ -262,9 +266,15 @@ def _check_out(out: torch.Tensor, shape: tuple[int, ...], like: torch.Tensor) ->
 
 
 def upsample_concat_forward(
-    x: torch.Tensor, skip: torch.Tensor, mode: str, align_corners: bool, out: torch.Tensor
+    x: torch.Tensor,
+    skip: torch.Tensor,
+    mode: str,
+    align_corners: bool,
+    out: torch.Tensor,
+    skip_first: bool = True,
 ) -> torch.Tensor:
-    """Write `cat([skip, interpolate(x, size=skip.shape[-2:])], 1)` into out and return it.
+    """Write `cat([skip, interpolate(x, size=skip.shape[-2:])], 1)` into out and return it, or
+    `cat([interpolate(...), skip], 1)` when not skip_first.
 
     x, skip and out: [N, C, H, W] of one dtype and device, any strides (the op layer validates
     x and skip and allocates out channels_last). mode: "nearest" or "bilinear".
@@ -288,6 +298,7 @@ def upsample_concat_forward(
         cols.src0, cols.src1, cols.lambda0, cols.lambda1,
         num_pixels, out_height, out_width, skip_channels, x_channels,
         *x.stride(), *skip.stride(), *out.stride(),
+        0 if skip_first else x_channels, skip_channels if skip_first else 0,
         NEAREST=mode == "nearest", BLOCK_PIXELS=block_pixels, BLOCK_CHANNELS=block_channels,
         num_warps=NUM_WARPS,
     )  # fmt: skip

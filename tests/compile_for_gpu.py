@@ -28,7 +28,8 @@ def jit_function(kernel):
 
 
 def compile_for(kernel, args: dict, constexprs: dict, config, capability: int):
-    """args: pointer arguments as their element type ("bf16"), integers as sample values."""
+    """args: pointer arguments as their element type ("bf16"), integers and floats as sample
+    values."""
     fn = jit_function(kernel)
     constexprs = {**constexprs, **config.kwargs}
     signature, attrs = {}, {}
@@ -39,6 +40,8 @@ def compile_for(kernel, args: dict, constexprs: dict, config, capability: int):
         elif isinstance(value, str):
             signature[name] = ("*" + value) if name.endswith("_ptr") else value
             attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
         elif value == 1:  # Triton turns an integer argument equal to 1 into a constant
             signature[name] = "constexpr"
             constexprs[name] = 1
@@ -77,15 +80,16 @@ def conv_builds():
     tensors = ("x_ptr", "w_ptr", "bias_ptr", "out_ptr")
     strides = dict(stride_xn=h * w * c_in, stride_xh=w * c_in, stride_xw=c_in)
     sizes = dict(
-        N=n, H=h, W=w, C_IN=c_in, H_OUT=h, W_OUT=w, C_OUT=c_out, PAD_H=1, PAD_W=1, **strides
-    )
+        N=n, H=h, W=w, C_IN=c_in, H_OUT=h, W_OUT=w, C_OUT=c_out, PAD_H=1, PAD_W=1,
+        NEGATIVE_SLOPE=0.1, **strides,
+    )  # fmt: skip
     plain = dict(UPSAMPLE="none")
     for dtype, precision, size in (("bf16", "ieee", 2), ("fp16", "ieee", 2), ("fp32", "tf32", 4)):
         args = {**sizes, **dict.fromkeys(tensors, dtype), **concat_arguments(dtype, n, h, w, 0)}
         named = {"x_ptr": _Sized(size), "C_IN": c_in, "C_OUT": c_out}
         for config in conv2d_relu._prune_configs(conv2d_relu.GEMM_CONFIGS, named):
             constexprs = dict(KH=3, KW=3, HAS_BIAS=True, RELU=True, INPUT_PRECISION=precision,
-                              **plain)  # fmt: skip
+                              LEAKY=False, **plain)  # fmt: skip
             yield conv2d_relu._conv2d_kernel, args, constexprs, config, 90
     grad_args = {**sizes, "grad_ptr": "bf16", "x_ptr": "bf16", "partial_ptr": "fp32",
                  "M_PER_SPLIT": 4096, **concat_arguments("bf16", n, h, w, 0)}  # fmt: skip
@@ -95,8 +99,11 @@ def conv_builds():
         yield conv2d_relu._conv2d_grad_weight_kernel, grad_args, constexprs, config, 90
     first = conv2d_relu.GEMM_CONFIGS[0]
     args = {**sizes, **dict.fromkeys(tensors, "bf16"), **concat_arguments("bf16", n, h, w, 0)}
-    constexprs = dict(KH=1, KW=1, HAS_BIAS=False, RELU=False, INPUT_PRECISION="ieee", **plain)
+    constexprs = dict(KH=1, KW=1, HAS_BIAS=False, RELU=False, LEAKY=False, INPUT_PRECISION="ieee",
+                      **plain)  # fmt: skip
     yield conv2d_relu._conv2d_kernel, args, constexprs, first, 80  # Ampere: mma.sync
+    leaky = dict(constexprs, RELU=True, LEAKY=True)  # the LeakyReLU epilogue
+    yield conv2d_relu._conv2d_kernel, args, leaky, first, 90
     # The decoder conv: skip (c_in / 3 channels) and x (2 c_in / 3 at half size) read directly.
     c_skip, c_x = 64, 128
     low = dict(stride_xn=h * w * c_x // 4, stride_xh=w * c_x // 2, stride_xw=c_x)
@@ -104,7 +111,7 @@ def conv_builds():
              **concat_arguments("bf16", n, h, w, c_skip)}  # fmt: skip
     for mode in ("nearest", "bilinear"):
         constexprs = dict(KH=3, KW=3, HAS_BIAS=True, RELU=True, INPUT_PRECISION="ieee",
-                          UPSAMPLE=mode)  # fmt: skip
+                          UPSAMPLE=mode, LEAKY=False)  # fmt: skip
         yield conv2d_relu._conv2d_kernel, fused, constexprs, first, 90
         grad_fused = {**fused, "grad_ptr": "bf16", "partial_ptr": "fp32", "M_PER_SPLIT": 4096}
         constexprs = dict(KH=3, KW=3, INPUT_PRECISION="ieee", UPSAMPLE=mode)
@@ -116,10 +123,11 @@ def conv_builds():
             90,
         )
     relu_args = dict(grad_out_ptr="bf16", out_ptr="bf16", grad_ptr="bf16",
-                     bias_partial_ptr="fp32", M=n * h * w, C=c_out)  # fmt: skip
+                     bias_partial_ptr="fp32", M=n * h * w, C=c_out, NEGATIVE_SLOPE=0.1)  # fmt: skip
     relu_config = triton.Config({}, num_warps=4, num_stages=1)
-    relu_constexprs = dict(BLOCK_M=conv2d_relu.RELU_GRAD_BLOCK_M, BLOCK_C=128)
-    yield conv2d_relu._relu_grad_kernel, relu_args, relu_constexprs, relu_config, 90
+    for leaky in (False, True):
+        relu_constexprs = dict(BLOCK_M=conv2d_relu.RELU_GRAD_BLOCK_M, BLOCK_C=128, LEAKY=leaky)
+        yield conv2d_relu._relu_grad_kernel, relu_args, relu_constexprs, relu_config, 90
 
 
 def upsample_builds():
@@ -142,7 +150,8 @@ def upsample_builds():
             forward = dict(x_ptr=dtype, skip_ptr=dtype, out_ptr=dtype, **table_types,
                            num_pixels=n * h * w, out_height=h, out_width=w, skip_channels=c,
                            x_channels=2 * c, **strides("x", 2 * c, h // 2, w // 2),
-                           **strides("skip", c, h, w), **strides("out", 3 * c, h, w))  # fmt: skip
+                           **strides("skip", c, h, w), **strides("out", 3 * c, h, w),
+                           skip_offset=2 * c, x_offset=0)  # fmt: skip
             yield upsample_concat._upsample_concat_forward_kernel, forward, constexprs, config, 90
             backward = dict(grad_up_ptr=dtype, grad_x_ptr=dtype, **table_types,
                             num_pixels=n * h * w // 4, in_height=h // 2, in_width=w // 2,

@@ -6,10 +6,12 @@ UNet's real shapes in every dtype, against a float64 reference.
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import (
     KERNEL_DEVICE,
     assert_kernel_backend,
     assert_parity,
+    backend_device,
     output_and_grads,
     poison_allocations,
     torch_conv2d_relu,
@@ -18,6 +20,7 @@ from helpers import (
 from fastunet import ops
 from fastunet.bench.parity import relative_error
 from fastunet.bench.shapes import unet_shapes
+from fastunet.ops.conv2d_relu import conv2d_relu_grad_output
 
 
 def conv_relu_with_grads(conv, x, weight, bias, padding, relu, grad_out):
@@ -188,3 +191,46 @@ def test_batch_beyond_int32_offsets_on_gpu():
     tail = slice(-2, None)  # the images past the 2**31-element mark
     expected = torch_conv2d_relu(x[tail].float(), weight.float(), None, 1, True)
     assert relative_error(out[tail], expected) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_leaky_relu_epilogue(backend, dtype):
+    """negative_slope > 0: LeakyReLU in the epilogue and in the backward's mask, on both
+    backends, against F.leaky_relu of the convolution in float64."""
+    device = backend_device(backend)
+    x, weight, bias = make_case(2, 5, 6, 7, 5, 3, True, dtype, device)
+    grad_out = torch.randn(2, 6, 7, 5, device=device)
+
+    def leaky(x, weight, bias):
+        return F.leaky_relu(F.conv2d(x, weight, bias, padding=1), 0.2)
+
+    ours = output_and_grads(ops.conv2d_relu, (x, weight, bias), grad_out, 1, True, 0.2)
+    truth = output_and_grads(leaky, [t.double() for t in (x, weight, bias)], grad_out)
+    theirs = output_and_grads(leaky, (x, weight, bias), grad_out)
+    for name, got, expected, torch_got in zip(
+        ["output", "grad_input", "grad_weight", "grad_bias"], ours, truth, theirs, strict=True
+    ):
+        if dtype == torch.float32:
+            assert relative_error(got, expected) <= 1e-5, name
+        else:
+            assert_parity(got, torch_got, expected, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("negative_slope", [0.0, 0.1])
+def test_activation_mask_equals_pytorchs_backward(backend, dtype, negative_slope):
+    """The backward's mask bit for bit as PyTorch's: threshold_backward for ReLU (a NaN output
+    passes the gradient), leaky_relu_backward for LeakyReLU (it scales it), -0.0 included."""
+    device = backend_device(backend)
+    out = torch.randn(3, 4, 5, 6, device=device, dtype=dtype)
+    out.view(-1)[::7] = float("nan")
+    out.view(-1)[1::11] = -0.0
+    out = F.leaky_relu(out, negative_slope).contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn_like(out)
+    grad, grad_bias = conv2d_relu_grad_output(grad_out, out, negative_slope)
+    if negative_slope:
+        expected = torch.ops.aten.leaky_relu_backward(grad_out, out, negative_slope, True)
+    else:
+        expected = torch.ops.aten.threshold_backward(grad_out, out, 0)
+    assert torch.equal(grad, expected)
+    torch.testing.assert_close(grad_bias, expected.float().sum((0, 2, 3)).to(dtype))

@@ -41,10 +41,13 @@ def opcheck_cases():
         (ops.max_pool2d_with_argmax, (x,)),
         (ops.max_pool2d_with_argmax, (channels_last(x.detach()).requires_grad_(),)),
         (max_pool2d_backward, (torch.randn_like(pooled), argmax, 7, 6)),
+        (ops.conv2d_relu, (x, w, b, 1, True, 0.1)),
+        (conv2d_relu_grad_output, (grad, out, 0.1)),
+        (ops.upsample_concat, (small, skip, "bilinear", False, False)),
     ]
 
 
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(14))
 def test_opcheck(case):
     op, args = opcheck_cases()[case]
     opcheck(op, args)
@@ -69,6 +72,17 @@ def test_upsample_concat_gradcheck(mode, align):
     x = torch.randn(2, 3, 3, 4, dtype=torch.float64, requires_grad=True)
     skip = torch.randn(2, 2, 7, 5, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(lambda a, b: ops.upsample_concat(a, b, mode, align), (x, skip))
+
+
+def test_leaky_relu_and_upsampled_first_gradcheck():
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda *a: ops.conv2d_relu(*a, 1, True, 0.2), (x, w, b))
+    skip = torch.randn(2, 2, 9, 7, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(
+        lambda a, s: ops.upsample_concat(a, s, "bilinear", False, False), (x, skip)
+    )
 
 
 def test_max_pool2d_gradcheck():
@@ -122,6 +136,10 @@ def test_output_layouts():
          ValueError, "smaller than the 5x5 kernel"),
         (lambda: ops.conv2d_relu(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), padding=-1),
          ValueError, "padding must be >= 0"),
+        (lambda: ops.conv2d_relu(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3),
+                                 negative_slope=-0.1), ValueError, "negative_slope must be"),
+        (lambda: ops.conv2d_relu(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), relu=False,
+                                 negative_slope=0.1), ValueError, "needs relu=True"),
         (lambda: ops.upsample_concat(torch.randn(2, 3, 4, 4), torch.randn(1, 3, 8, 8)),
          ValueError, "x has batch 2 .* skip has batch 1"),
         (lambda: ops.upsample_concat(torch.randn(2, 3, 4), torch.randn(2, 3, 8, 8)), ValueError,

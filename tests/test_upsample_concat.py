@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from helpers import (
     KERNEL_DEVICE,
     assert_kernel_backend,
+    backend_device,
     in_layout,
     output_and_grads,
     torch_upsample_concat,
@@ -305,3 +306,22 @@ def test_output_beyond_int32_offsets_on_gpu(mode, align_corners):
     """An output of more than 2**31 elements: offsets past the mark must be int64."""
     shapes = (3, 96, 1024, 1024), (3, 96, 2048, 2048)
     assert check_last_image(*shapes, mode, align_corners, "cuda") > 2**31
+
+
+@pytest.mark.parametrize("mode,align_corners", MODES, ids=MODE_IDS)
+def test_upsampled_channels_first(backend, mode, align_corners):
+    """skip_first=False gives cat([up, skip]): bit for bit the skip-first result reordered, and
+    so are the gradients, on both backends."""
+    device = backend_device(backend)
+    x, skip, grad_out = random_case(*SIZES["many-channels"], torch.float32, device)
+    c_skip, c_x = skip.shape[1], x.shape[1]
+    up_first = output_and_grads(
+        ops.upsample_concat, (x, skip), grad_out, mode, align_corners, False
+    )
+    skip_first_grad = torch.cat([grad_out[:, c_x:], grad_out[:, :c_x]], 1)
+    out, grad_x, grad_skip = output_and_grads(
+        ops.upsample_concat, (x, skip), skip_first_grad, mode, align_corners, True
+    )
+    assert up_first[0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(up_first[0], torch.cat([out[:, c_skip:], out[:, :c_skip]], 1))
+    assert torch.equal(up_first[1], grad_x) and torch.equal(up_first[2], grad_skip)

@@ -55,15 +55,17 @@ class Choice:
     times_ms: dict[str, float] | None = None
 
 
-def _torch_conv2d_relu(x, weight, bias=None, padding=1, relu=True):
+def _torch_conv2d_relu(x, weight, bias=None, padding=1, relu=True, negative_slope=0.0):
     out = F.conv2d(x, weight, bias, padding=padding)
-    return F.relu(out) if relu else out
+    if not relu:
+        return out
+    return F.leaky_relu(out, negative_slope) if negative_slope else F.relu(out)
 
 
-def _torch_upsample_concat(x, skip, mode="nearest", align_corners=False):
+def _torch_upsample_concat(x, skip, mode="nearest", align_corners=False, skip_first=True):
     aligned = align_corners if mode == "bilinear" else None
     up = F.interpolate(x, size=skip.shape[-2:], mode=mode, align_corners=aligned)
-    return torch.cat([skip, up], 1)
+    return torch.cat([skip, up] if skip_first else [up, skip], 1)
 
 
 def _torch_max_pool2d(x):

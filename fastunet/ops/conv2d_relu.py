@@ -1,10 +1,15 @@
-"""fastunet::conv2d_relu: `F.conv2d(x, weight, bias, padding=padding)`, then ReLU when relu.
+"""fastunet::conv2d_relu: `F.conv2d(x, weight, bias, padding=padding)`, then ReLU when relu
+(LeakyReLU when negative_slope > 0).
 
 Stride 1, dilation 1, groups 1, zero padding. The output is channels_last. Its backward is three
-ops: the ReLU mask with the bias gradient (one pass over grad_output), grad_input and grad_weight.
+ops: the activation's mask with the bias gradient (one pass over grad_output), grad_input and
+grad_weight. The mask is read from the output, which has the pre-activation's sign because the
+slope is >= 0.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +30,18 @@ OP = "conv2d_relu"
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _check(x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> tuple[int, ...]:
+def _check(
+    x: Tensor, weight: Tensor, bias: Tensor | None, padding: int, relu: bool, negative_slope: float
+) -> tuple[int, ...]:
     """Validate the arguments; return the output shape."""
     check_activation(OP, "x", x)
+    if not negative_slope >= 0 or math.isinf(negative_slope):
+        raise ValueError(
+            f"{OP}: negative_slope must be finite and >= 0 (the backward reads the sign from the "
+            f"output), got {negative_slope}"
+        )
+    if negative_slope and not relu:
+        raise ValueError(f"{OP}: negative_slope={negative_slope} needs relu=True")
     return check_conv(OP, "x", x.shape, x, weight, bias, padding)
 
 
@@ -86,38 +100,51 @@ def _triton_kernels(t: Tensor):
 
 @torch.library.custom_op("fastunet::conv2d_relu", mutates_args=())
 def conv2d_relu(
-    x: Tensor, weight: Tensor, bias: Tensor | None = None, padding: int = 1, relu: bool = True
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    padding: int = 1,
+    relu: bool = True,
+    negative_slope: float = 0.0,
 ) -> Tensor:
-    """Convolution (stride 1) + bias + ReLU in one op; returns a channels_last tensor."""
-    _check(x, weight, bias, padding)
+    """Convolution (stride 1) + bias + ReLU (LeakyReLU with negative_slope > 0) in one op;
+    returns a channels_last tensor."""
+    _check(x, weight, bias, padding, relu, negative_slope)
     if kernels := _triton_kernels(x):
         with kernel_device(x):
-            return kernels.forward(x, weight, bias, padding, relu)
+            return kernels.forward(x, weight, bias, padding, relu, negative_slope=negative_slope)
     out = F.conv2d(_upcast(x), _upcast(weight), _upcast(bias), padding=padding)
     if relu:
-        out = torch.relu(out)
+        out = F.leaky_relu(out, negative_slope) if negative_slope else torch.relu(out)
     return out.to(x.dtype).contiguous(memory_format=CHANNELS_LAST)
 
 
 @conv2d_relu.register_fake
-def _(x, weight, bias=None, padding=1, relu=True):
-    return empty_channels_last(_check(x, weight, bias, padding), x)
+def _(x, weight, bias=None, padding=1, relu=True, negative_slope=0.0):
+    return empty_channels_last(_check(x, weight, bias, padding, relu, negative_slope), x)
 
 
 @torch.library.custom_op("fastunet::conv2d_relu_grad_output", mutates_args=())
-def conv2d_relu_grad_output(grad_out: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
-    """The gradient through the ReLU (zero where out <= 0) and its sum over N, H, W (grad_bias)."""
+def conv2d_relu_grad_output(
+    grad_out: Tensor, out: Tensor, negative_slope: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """The gradient through the ReLU (zero where out <= 0), or the LeakyReLU (times
+    negative_slope where out <= 0), and its sum over N, H, W (grad_bias)."""
     if kernels := _triton_kernels(out):
         with kernel_device(out):
-            return kernels.relu_grad(grad_out, out)
-    # Zero where out <= 0, not "keep where out > 0": a NaN output passes the gradient, as in
-    # PyTorch's threshold_backward.
-    grad = torch.where(out <= 0, 0, grad_out).contiguous(memory_format=CHANNELS_LAST)
+            return kernels.relu_grad(grad_out, out, negative_slope)
+    # As PyTorch's backwards: ReLU's zeroes where out <= 0, so a NaN output passes the gradient;
+    # LeakyReLU's keeps it where out > 0, so a NaN output scales it.
+    if negative_slope:
+        grad = torch.where(out > 0, grad_out, grad_out * negative_slope)
+    else:
+        grad = torch.where(out <= 0, 0, grad_out)
+    grad = grad.contiguous(memory_format=CHANNELS_LAST)
     return grad, bias_grad_sum(grad)
 
 
 @conv2d_relu_grad_output.register_fake
-def _(grad_out, out):
+def _(grad_out, out, negative_slope=0.0):
     return empty_channels_last(out.shape, out), out.new_empty(out.shape[1])
 
 
@@ -160,9 +187,10 @@ def _(grad, x, kernel_height, kernel_width, padding):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, padding, relu = inputs
+    x, weight, bias, padding, relu, negative_slope = inputs
     ctx.save_for_backward(x, weight, output if relu else None)
     ctx.padding, ctx.relu, ctx.has_bias = padding, relu, bias is not None
+    ctx.negative_slope = negative_slope
 
 
 def _backward(ctx, grad_out):
@@ -171,7 +199,7 @@ def _backward(ctx, grad_out):
     need_x, need_weight = ctx.needs_input_grad[:2]
     need_bias = ctx.has_bias and ctx.needs_input_grad[2]
     if ctx.relu:
-        grad, grad_bias = conv2d_relu_grad_output(grad_out, out)
+        grad, grad_bias = conv2d_relu_grad_output(grad_out, out, ctx.negative_slope)
     else:
         grad = grad_out
         if need_bias:
@@ -181,7 +209,7 @@ def _backward(ctx, grad_out):
         grad_x = conv2d_grad_input(grad, weight, x.shape[2], x.shape[3], ctx.padding)
     if need_weight:
         grad_w = conv2d_grad_weight(grad, x, weight.shape[2], weight.shape[3], ctx.padding)
-    return grad_x, grad_w, grad_bias if need_bias else None, None, None
+    return grad_x, grad_w, grad_bias if need_bias else None, None, None, None
 
 
 conv2d_relu.register_autograd(_backward, setup_context=_setup_context)

@@ -1,4 +1,5 @@
-"""fastunet::upsample_concat: `torch.cat([skip, F.interpolate(x, size=skip.shape[-2:])], 1)`.
+"""fastunet::upsample_concat: `torch.cat([skip, F.interpolate(x, size=skip.shape[-2:])], 1)`,
+or `torch.cat([F.interpolate(...), skip], 1)` with skip_first=False.
 
 Modes "nearest" (PyTorch's index rule) and "bilinear" (align_corners False or True). The output is
 channels_last. grad_skip is the matching channel slice of grad_output; grad_x, the adjoint of the
@@ -59,23 +60,35 @@ def _interpolate(x: Tensor, size, mode: str, align_corners: bool) -> Tensor:
 
 @torch.library.custom_op("fastunet::upsample_concat", mutates_args=())
 def upsample_concat(
-    x: Tensor, skip: Tensor, mode: str = "nearest", align_corners: bool = False
+    x: Tensor,
+    skip: Tensor,
+    mode: str = "nearest",
+    align_corners: bool = False,
+    skip_first: bool = True,
 ) -> Tensor:
-    """Upsample x to skip's H, W and concatenate [skip, upsampled] on channels, channels_last."""
+    """Upsample x to skip's H, W and concatenate [skip, upsampled] on channels (or [upsampled,
+    skip] when not skip_first), channels_last."""
     out = empty_channels_last(_check(x, skip, mode), skip)
     if choose(OP, x.device, x.dtype).is_triton:
         from fastunet.kernels.upsample_concat import upsample_concat_forward
 
         with kernel_device(x):
-            return upsample_concat_forward(x, skip, mode, align_corners, out)
-    c_skip = skip.shape[1]
-    out[:, :c_skip] = skip
-    out[:, c_skip:] = _interpolate(x, skip.shape[-2:], mode, align_corners)
+            return upsample_concat_forward(x, skip, mode, align_corners, out, skip_first)
+    skip_part, up_part = _parts(out, skip.shape[1], x.shape[1], skip_first)
+    skip_part.copy_(skip)
+    up_part.copy_(_interpolate(x, skip.shape[-2:], mode, align_corners))
     return out
 
 
+def _parts(t: Tensor, c_skip: int, c_x: int, skip_first: bool) -> tuple[Tensor, Tensor]:
+    """The (skip, upsampled) channel slices of a concat or of its gradient."""
+    if skip_first:
+        return t[:, :c_skip], t[:, c_skip:]
+    return t[:, c_x:], t[:, :c_x]
+
+
 @upsample_concat.register_fake
-def _(x, skip, mode="nearest", align_corners=False):
+def _(x, skip, mode="nearest", align_corners=False, skip_first=True):
     return empty_channels_last(_check(x, skip, mode), skip)
 
 
@@ -112,20 +125,19 @@ def _(grad_up, input_height, input_width, mode, align_corners):
 
 
 def _setup_context(ctx, inputs, output):
-    x, skip, mode, align_corners = inputs
+    x, skip, mode, align_corners, skip_first = inputs
     ctx.x_size = x.shape[2], x.shape[3]
-    ctx.c_skip = skip.shape[1]
+    ctx.channels = skip.shape[1], x.shape[1], skip_first
     ctx.mode, ctx.align_corners = mode, align_corners
 
 
 def _backward(ctx, grad_out):
     need_x, need_skip = ctx.needs_input_grad[:2]
-    grad_x = grad_skip = None
+    grad_skip, grad_up = _parts(grad_out, *ctx.channels)
+    grad_x = None
     if need_x:
-        grad_x = upsample_grad(grad_out[:, ctx.c_skip :], *ctx.x_size, ctx.mode, ctx.align_corners)
-    if need_skip:
-        grad_skip = grad_out[:, : ctx.c_skip]
-    return grad_x, grad_skip, None, None
+        grad_x = upsample_grad(grad_up, *ctx.x_size, ctx.mode, ctx.align_corners)
+    return grad_x, grad_skip if need_skip else None, None, None, None
 
 
 upsample_concat.register_autograd(_backward, setup_context=_setup_context)
