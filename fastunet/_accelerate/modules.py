@@ -117,10 +117,9 @@ class FusedConv2d(nn.Conv2d):
             return _activation(F.conv2d(x, weight, bias, padding=self.padding), negative_slope)
         out = run_layer(
             "conv2d_relu", ops.conv2d_relu, x, weight, bias, self.padding[0],
-            negative_slope == 0,
-        ).contiguous(memory_format=memory_format_of(x))  # fmt: skip
-        # LeakyReLU goes into the op's epilogue once the op has one; until then it runs after.
-        return _activation(out, negative_slope) if negative_slope else out
+            negative_slope is not None, negative_slope or 0.0,
+        )  # fmt: skip
+        return out.contiguous(memory_format=memory_format_of(x))
 
     def extra_repr(self) -> str:
         folded = f", folds={self.chain.describe()!r}" if self.chain is not None else ""
@@ -178,8 +177,10 @@ def upsample_concat(
 ) -> Tensor:
     """`cat([skip, up], 1)` (or `[up, skip]`) where up interpolates x to skip's height and
     width."""
-    if skip_first and x.dtype == skip.dtype and x.is_floating_point() and skip.dim() == 4:
-        out = run_layer("upsample_concat", ops.upsample_concat, x, skip, mode, align_corners)
+    if x.dtype == skip.dtype and x.is_floating_point() and skip.dim() == 4:
+        out = run_layer(
+            "upsample_concat", ops.upsample_concat, x, skip, mode, align_corners, skip_first
+        )
         return out.contiguous(memory_format=memory_format_of(skip))
     aligned = align_corners if mode == "bilinear" else None
     up = F.interpolate(x, size=skip.shape[-2:], mode=mode, align_corners=aligned)
