@@ -26,9 +26,9 @@ class FusedDoubleConv(nn.Module):
 class UNet(UNetBase):
     """fastunet's UNet: same arguments, parameter names and results as ReferenceUNet.
 
-    Activations are channels_last inside on a GPU, NCHW on the CPU; the output has the memory
-    format of the input. Each layer runs the fastunet op or PyTorch's own path, whichever
-    measures faster.
+    Activations are channels_last inside on a GPU, in the input's layout on the CPU; the output
+    has the memory format of the input. Each layer runs the fastunet op or PyTorch's own path,
+    whichever measures faster.
     `fast.load_state_dict(ref.state_dict())` is strict and exact, both ways.
     """
 
@@ -45,11 +45,11 @@ class UNet(UNetBase):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         layout = memory_format_of(x)
-        # channels_last on a GPU: the kernels' layout, and cuDNN's fastest for half types. NCHW on
-        # the CPU, where layers run aten's convs, which are faster in NCHW there.
-        x = x.contiguous(
-            memory_format=torch.channels_last if x.is_cuda else torch.contiguous_format
-        )
+        # channels_last on a GPU: the kernels' layout, and cuDNN's fastest for half types. On the
+        # CPU the layers run aten's, whose faster layout depends on the dtype and the CPU: the
+        # input's layout is kept, as ReferenceUNet does.
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
         skips = []
         for level, encoder in enumerate(self.encoders):
             if level > 0:
