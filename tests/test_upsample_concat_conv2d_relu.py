@@ -188,3 +188,37 @@ def test_unet_saves_at_most_0_7x_what_the_reference_saves(monkeypatch):
     x = torch.randn(1, 3, 32, 32, requires_grad=True)
     ours, theirs = saved_bytes(fast, x), saved_bytes(reference, x)
     assert ours <= 0.7 * theirs, f"{ours} bytes saved against the reference's {theirs}"
+
+
+# GPU tier: the first decoder conv of UNet(base_channels=64, depth=4) on 256x256, at batch 2 (the
+# float64 reference stays quick; channels and sizes are the real ones), in every dtype.
+GPU_LEVELS = {f"c{c}-{s}x{s}": ((2, 2 * c, s // 2, s // 2), (2, c, s, s)) for c, s in (
+    (64, 256), (128, 128), (256, 64), (512, 32)
+)}  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shapes", GPU_LEVELS.values(), ids=GPU_LEVELS.keys())
+@pytest.mark.parametrize("mode,align_corners", MODES, ids=MODE_IDS)
+def test_unet_decoder_levels_on_gpu(shapes, mode, align_corners, dtype, monkeypatch):
+    assert_kernel_backend("upsample_concat_conv2d_relu", "cuda", dtype)
+    x_shape, skip_shape = shapes
+    c_skip, c_in = skip_shape[1], skip_shape[1] + x_shape[1]
+    x = torch.randn(x_shape, device="cuda", dtype=dtype).contiguous(
+        memory_format=torch.channels_last
+    )
+    skip = torch.randn(skip_shape, device="cuda", dtype=dtype)
+    skip = skip.contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(c_skip, c_in, 3, 3, device="cuda") / (9 * c_in) ** 0.5).to(dtype)
+    bias = torch.randn(c_skip, device="cuda", dtype=dtype)
+    grad_out = torch.randn(skip_shape, device="cuda")
+    inputs, args = [x, skip, weight, bias], (1, True, mode, align_corners)
+    poison_allocations(monkeypatch)
+    ours = output_and_grads(fused, inputs, grad_out, *args)
+    truth = output_and_grads(unfused, [t.double() for t in inputs], grad_out, *args)
+    theirs = output_and_grads(unfused, inputs, grad_out, *args)
+    names = ["output", "grad_x", "grad_skip", "grad_weight", "grad_bias"]
+    for name, got, expected, torch_got in zip(names, ours, truth, theirs, strict=True):
+        assert not got.isnan().any(), f"{name} has NaN"
+        assert_parity(got, torch_got, expected, name)
