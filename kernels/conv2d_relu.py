@@ -375,10 +375,11 @@ def _input_arguments(x, concat):
     strides, the eight axis tables; placeholders for a plain conv) and UPSAMPLE.
 
     concat: None, or (skip, mode, align_corners) for the input cat([skip, upsample(x)]), with
-    x and skip channels_last."""
+    x channels_last (skip is made so here)."""
     if concat is None:
         return x.shape, (x, 0, 0, 0, 0, *[x] * 8), "none"
     skip, mode, align_corners = concat
+    skip = _channels_last(skip)
     _check_image_size(skip)
     rows = axis_tables(x.shape[2], skip.shape[2], mode, align_corners, x.device)
     cols = axis_tables(x.shape[3], skip.shape[3], mode, align_corners, x.device)
@@ -420,8 +421,6 @@ def forward(
     """relu(conv2d(x, weight, bias, padding)) as a channels_last tensor, leaky_relu with
     negative_slope > 0; with concat = (skip, mode, align_corners) the input is
     cat([skip, upsample(x, skip's size)]), unstored."""
-    if concat is not None:
-        concat = (_channels_last(concat[0]), *concat[1:])
     n = x.shape[0]
     h, w = (x if concat is None else concat[0]).shape[2:]
     c_out, _, kh, kw = weight.shape
@@ -477,8 +476,6 @@ def grad_weight(
     """d(loss)/d(weight) from the pre-activation gradient, [C_out, C_in, KH, KW] contiguous;
     with concat = (skip, mode, align_corners) the conv's input was cat([skip, upsample(x)])."""
     x, grad = _channels_last(x), _channels_last(grad)
-    if concat is not None:
-        concat = (_channels_last(concat[0]), *concat[1:])
     (n, c_in, h, w), concat_arguments, upsample = _input_arguments(x, concat)
     c_out, h_out, w_out = grad.shape[1:]
     kh, kw = kernel_height, kernel_width

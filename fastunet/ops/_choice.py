@@ -291,14 +291,14 @@ def choose_path(op: str, fastunet_fn: Callable, args: tuple) -> Choice:
     rule = _rule(op, x)
     if rule is not None:
         return rule
+    key = layer_key(op, args)
+    if key in _decided:  # every call after a key's first stops here
+        return _decided[key]
     backend = choose(op, x.device, x.dtype)
     if backend.name in ("torch", "unsupported"):
-        return Choice("torch", f"no fastunet kernel serves it: {backend.reason}")
-    key = layer_key(op, args)
-    if key in _decided:
-        return _decided[key]
-    cache = _cache_for(x.device)
-    choice = cache.get(key)
+        choice = Choice("torch", f"no fastunet kernel serves it: {backend.reason}")
+    else:
+        choice = _cache_for(x.device).get(key)
     if choice is None:
         if _capturing(x.device):
             return Choice("fastunet", "not measured yet, and nothing can be timed in a CUDA graph")
@@ -306,7 +306,7 @@ def choose_path(op: str, fastunet_fn: Callable, args: tuple) -> Choice:
         path = "fastunet" if times["fastunet"] < times["torch"] else "torch"
         reason = f"measured: fastunet {times['fastunet']:.4g} ms, torch {times['torch']:.4g} ms"
         choice = Choice(path, reason, times)
-        cache.put(key, choice)
+        _cache_for(x.device).put(key, choice)
     _decided[key] = choice
     return choice
 
