@@ -10,7 +10,7 @@ from torch.library import opcheck
 
 from fastunet import ops
 from fastunet.ops import _backend
-from fastunet.ops.conv2d_relu import conv2d_grad_input, conv2d_grad_weight, conv2d_relu_grad_output
+from fastunet.ops.conv2d_relu import conv2d_grad, conv2d_relu_grad_output
 from fastunet.ops.max_pool2d import max_pool2d_backward
 from fastunet.ops.upsample_concat import upsample_grad
 
@@ -33,8 +33,9 @@ def opcheck_cases():
         (ops.conv2d_relu, (x, w, b, 1, True)),
         (ops.conv2d_relu, (channels_last(x.detach()).requires_grad_(), w, None, 0, False)),
         (conv2d_relu_grad_output, (grad, out)),
-        (conv2d_grad_input, (grad, w.detach(), 7, 6, 1)),
-        (conv2d_grad_weight, (grad, x.detach(), 3, 3, 1)),
+        (conv2d_grad, (grad, x.detach(), w.detach(), 1, True, True)),
+        (conv2d_grad, (grad, x.detach(), w.detach(), 1, True, False)),
+        (conv2d_grad, (grad, x.detach(), w.detach(), 1, False, True)),
         (ops.upsample_concat, (small, skip, "nearest", False)),
         (ops.upsample_concat, (small, channels_last(skip.detach()), "bilinear", True)),
         (upsample_grad, (channels_last(torch.randn(2, 4, 7, 9)), 3, 5, "bilinear", False)),
@@ -47,7 +48,7 @@ def opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(14))
+@pytest.mark.parametrize("case", range(15))
 def test_opcheck(case):
     op, args = opcheck_cases()[case]
     opcheck(op, args)
@@ -255,3 +256,27 @@ def test_float64_bias_gradient_sums_in_float64(relu):
     ours = output_and_grads(ops.conv2d_relu, (x, weight, bias), grad_out, 1, relu)[3]
     expected = output_and_grads(torch_conv2d_relu, (x, weight, bias), grad_out, 1, relu)[3]
     torch.testing.assert_close(ours, expected, rtol=1e-14, atol=0)  # fp32 sums are 4e-8 off
+
+
+CONVOLUTION_BACKWARD = "aten::convolution_backward"
+
+
+@pytest.mark.parametrize("op", ["conv2d_relu", "upsample_concat_conv2d_relu"])
+@pytest.mark.parametrize(
+    "needs", [(True, True), (True, False), (False, True)], ids=["both", "input", "weight"]
+)
+def test_composite_backward_is_one_convolution_backward(torch_backend, op, needs):
+    """grad_input and grad_weight come from one aten call, which on the CPU shares work
+    between them, and only the gradients asked for are computed."""
+    need_input, need_weight = needs
+    x = torch.randn(2, 3, 5, 4, requires_grad=need_input)
+    skip = torch.randn(2, 2, 10, 8, requires_grad=need_input)
+    weight = torch.randn(4, 5 if op != "conv2d_relu" else 3, 3, 3, requires_grad=need_weight)
+    bias = torch.randn(4, requires_grad=True)
+    args = (x, skip, weight, bias) if op != "conv2d_relu" else (x, weight, bias)
+    out = getattr(ops, op)(*args)
+    with torch.profiler.profile(record_shapes=True) as profile:
+        out.sum().backward()
+    masks = [e.concrete_inputs[-1] for e in profile.events() if e.name == CONVOLUTION_BACKWARD]
+    assert masks == [[need_input, need_weight, False]]
+    assert (x.grad is not None) == need_input and (weight.grad is not None) == need_weight

@@ -22,7 +22,7 @@ from torch.library import opcheck
 
 from fastunet import ReferenceUNet, UNet, ops
 from fastunet.bench.parity import relative_error
-from fastunet.ops.upsample_concat_conv2d_relu import upsample_concat_conv2d_grad_weight
+from fastunet.ops.upsample_concat_conv2d_relu import upsample_concat_conv2d_grad
 
 MODES = [("nearest", False), ("bilinear", False), ("bilinear", True)]
 MODE_IDS = ["nearest", "bilinear", "bilinear-align_corners"]
@@ -130,15 +130,18 @@ def opcheck_cases():
     inputs, (padding, relu), grad_out = make_case("odd", torch.float32, "channels_last")
     x, skip, weight = (t.requires_grad_() for t in inputs[:3])
     grad = grad_out.contiguous(memory_format=torch.channels_last)
-    fused_op, grad_weight_op = ops.upsample_concat_conv2d_relu, upsample_concat_conv2d_grad_weight
+    fused_op, grad_op = ops.upsample_concat_conv2d_relu, upsample_concat_conv2d_grad
+    detached = x.detach(), skip.detach(), weight.detach()
     return [
         (fused_op, (x, skip, weight, None, padding, relu, "nearest", False)),
         (fused_op, (x, skip, weight, None, 0, False, "bilinear", True)),
-        (grad_weight_op, (grad, x.detach(), skip.detach(), 3, 3, 1, "bilinear", False)),
+        (grad_op, (grad, *detached, 1, "bilinear", False, True, True)),
+        (grad_op, (grad, *detached, 1, "nearest", False, False, True)),
+        (grad_op, (grad, *detached, 1, "bilinear", True, True, False)),
     ]
 
 
-@pytest.mark.parametrize("case", range(3))
+@pytest.mark.parametrize("case", range(5))
 def test_opcheck(case):
     op, args = opcheck_cases()[case]
     opcheck(op, args)

@@ -21,11 +21,9 @@ def conv_counts(s: ConvShape, element_size: int, backward: bool, input_grad: boo
         grad = y  # the gradient of the pre-activation output
         if s.relu:  # the ReLU mask and bias gradient: reads grad_out and out
             elements += y + y + grad + b
-        if input_grad:
-            flops += s.flops()
-            elements += grad + w + x
-        flops += s.flops()
-        elements += grad + x + w
+        # grad_input and grad_weight, one op: reads grad, x and weight, writes the gradients
+        flops += s.flops() * (2 if input_grad else 1)
+        elements += grad + x + w + w + (x if input_grad else 0)
     return {"flops": flops, "bytes": elements * element_size}
 
 
@@ -63,9 +61,10 @@ def decoder_conv_counts(
     if backward:
         grad = y
         elements += y + y + grad + b  # the ReLU mask and bias gradient
-        elements += grad + w + skip + upsampled  # the concat's gradient
+        # The gradients of the concat and the weight, one op: reads grad, x, skip and weight
+        # (grad_weight through the fused loader), writes the concat's gradient and grad_weight.
+        elements += grad + x + skip + w + (skip + upsampled) + w
         elements += upsampled + x  # grad_x, the upsample backward of its x channels
-        elements += grad + x + skip + w  # grad_weight through the fused loader
         flops += 2 * conv.flops()
     return {"flops": flops, "bytes": elements * element_size}
 

@@ -1,10 +1,10 @@
 """fastunet::conv2d_relu: `F.conv2d(x, weight, bias, padding=padding)`, then ReLU when relu
 (LeakyReLU when negative_slope > 0).
 
-Stride 1, dilation 1, groups 1, zero padding. The output is channels_last. Its backward is three
-ops: the activation's mask with the bias gradient (one pass over grad_output), grad_input and
-grad_weight. The mask is read from the output, which has the pre-activation's sign because the
-slope is >= 0.
+Stride 1, dilation 1, groups 1, zero padding. The output is channels_last. Its backward is two
+ops: the activation's mask with the bias gradient (one pass over grad_output), then grad_input
+and grad_weight together. The mask is read from the output, which has the pre-activation's sign
+because the slope is >= 0.
 """
 
 from __future__ import annotations
@@ -148,42 +148,46 @@ def _(grad_out, out, negative_slope=0.0):
     return empty_channels_last(out.shape, out), out.new_empty(out.shape[1])
 
 
-@torch.library.custom_op("fastunet::conv2d_grad_input", mutates_args=())
-def conv2d_grad_input(
-    grad: Tensor, weight: Tensor, input_height: int, input_width: int, padding: int
-) -> Tensor:
-    """d(loss)/d(x) of the convolution, given the gradient of its pre-activation output."""
+@torch.library.custom_op("fastunet::conv2d_grad", mutates_args=())
+def conv2d_grad(
+    grad: Tensor, x: Tensor, weight: Tensor, padding: int, need_input: bool, need_weight: bool
+) -> tuple[Tensor, Tensor]:
+    """(d(loss)/d(x), d(loss)/d(weight)) of the convolution, given the gradient of its
+    pre-activation output; an empty tensor in place of one not needed.
+
+    One op for both because PyTorch computes them best together: the composite makes one
+    convolution_backward call, which on the CPU (oneDNN) shares the layout work between them.
+    """
     if kernels := _triton_kernels(grad):
         with kernel_device(grad):
-            return kernels.grad_input(grad, weight, input_height, input_width, padding)
-    n, c_in = grad.shape[0], weight.shape[1]
-    grad_x = torch.nn.grad.conv2d_input(
-        (n, c_in, input_height, input_width), _upcast(weight), _upcast(grad), padding=padding
-    )
-    return grad_x.to(grad.dtype).contiguous(memory_format=CHANNELS_LAST)
+            grad_x = grad_w = None
+            if need_input:
+                grad_x = kernels.grad_input(grad, weight, x.shape[2], x.shape[3], padding)
+            if need_weight:
+                grad_w = kernels.grad_weight(grad, x, weight.shape[2], weight.shape[3], padding)
+            return _or_empty(grad_x, grad), _or_empty(grad_w, grad)
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        _upcast(grad), _upcast(x), _upcast(weight), None, stride=[1, 1], padding=[padding] * 2,
+        dilation=[1, 1], transposed=False, output_padding=[0, 0], groups=1,
+        output_mask=[need_input, need_weight, False],
+    )  # fmt: skip
+    if grad_x is not None:
+        grad_x = grad_x.to(grad.dtype).contiguous(memory_format=CHANNELS_LAST)
+    if grad_w is not None:
+        grad_w = grad_w.to(grad.dtype).contiguous()
+    return _or_empty(grad_x, grad), _or_empty(grad_w, grad)
 
 
-@conv2d_grad_input.register_fake
-def _(grad, weight, input_height, input_width, padding):
-    return empty_channels_last((grad.shape[0], weight.shape[1], input_height, input_width), grad)
+def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    """A custom op cannot return None: a gradient not asked for is an empty tensor."""
+    return like.new_empty(0) if t is None else t
 
 
-@torch.library.custom_op("fastunet::conv2d_grad_weight", mutates_args=())
-def conv2d_grad_weight(
-    grad: Tensor, x: Tensor, kernel_height: int, kernel_width: int, padding: int
-) -> Tensor:
-    """d(loss)/d(weight) of the convolution, given the gradient of its pre-activation output."""
-    if kernels := _triton_kernels(grad):
-        with kernel_device(grad):
-            return kernels.grad_weight(grad, x, kernel_height, kernel_width, padding)
-    weight_shape = (grad.shape[1], x.shape[1], kernel_height, kernel_width)
-    grad_w = torch.nn.grad.conv2d_weight(_upcast(x), weight_shape, _upcast(grad), padding=padding)
-    return grad_w.to(grad.dtype).contiguous()
-
-
-@conv2d_grad_weight.register_fake
-def _(grad, x, kernel_height, kernel_width, padding):
-    return grad.new_empty((grad.shape[1], x.shape[1], kernel_height, kernel_width))
+@conv2d_grad.register_fake
+def _(grad, x, weight, padding, need_input, need_weight):
+    grad_x = empty_channels_last(x.shape, grad) if need_input else grad.new_empty(0)
+    grad_w = grad.new_empty(weight.shape) if need_weight else grad.new_empty(0)
+    return grad_x, grad_w
 
 
 def _setup_context(ctx, inputs, output):
@@ -205,11 +209,12 @@ def _backward(ctx, grad_out):
         if need_bias:
             grad_bias = bias_grad_sum(grad_out)
     grad_x = grad_w = None
-    if need_x:
-        grad_x = conv2d_grad_input(grad, weight, x.shape[2], x.shape[3], ctx.padding)
-    if need_weight:
-        grad_w = conv2d_grad_weight(grad, x, weight.shape[2], weight.shape[3], ctx.padding)
-    return grad_x, grad_w, grad_bias if need_bias else None, None, None, None
+    if need_x or need_weight:
+        grad_x, grad_w = conv2d_grad(grad, x, weight, ctx.padding, need_x, need_weight)
+    return (
+        grad_x if need_x else None, grad_w if need_weight else None,
+        grad_bias if need_bias else None, None, None, None,
+    )  # fmt: skip
 
 
 conv2d_relu.register_autograd(_backward, setup_context=_setup_context)

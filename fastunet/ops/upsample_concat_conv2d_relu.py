@@ -6,10 +6,10 @@ the upsampled coordinates (nearest: PyTorch's source index; bilinear: PyTorch's 
 weights, rounded to the dtype as the concat tensor would be), so the concat tensor is never
 written, and the backward saves x and skip instead of it.
 
-Backward: the ReLU mask and bias gradient as for conv2d_relu; grad_weight reads through the same
-loader (its own op); grad_input of the concat comes from conv2d_grad_input and splits into
-grad_skip (the first C_skip channels) and grad_x, the deterministic upsample backward of the
-rest.
+Backward: the ReLU mask and bias gradient as for conv2d_relu; then one op for the gradients of
+the concat and the weight, whose Triton grad_weight reads through the same loader. The concat's
+gradient splits into grad_skip (the first C_skip channels) and grad_x, the deterministic upsample
+backward of the rest.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from fastunet.ops._common import autocast_to_lower_precision, empty_channels_las
 from fastunet.ops.conv2d_relu import (
     bias_grad_sum,
     check_conv,
-    conv2d_grad_input,
-    conv2d_grad_weight,
+    conv2d_grad,
     conv2d_relu,
     conv2d_relu_grad_output,
 )
@@ -76,31 +75,42 @@ def _(x, skip, weight, bias=None, padding=1, relu=True, mode="nearest", align_co
     return empty_channels_last(_check(x, skip, weight, bias, padding, mode), x)
 
 
-@torch.library.custom_op("fastunet::upsample_concat_conv2d_grad_weight", mutates_args=())
-def upsample_concat_conv2d_grad_weight(
+@torch.library.custom_op("fastunet::upsample_concat_conv2d_grad", mutates_args=())
+def upsample_concat_conv2d_grad(
     grad: Tensor,
     x: Tensor,
     skip: Tensor,
-    kernel_height: int,
-    kernel_width: int,
+    weight: Tensor,
     padding: int,
     mode: str,
     align_corners: bool,
-) -> Tensor:
-    """d(loss)/d(weight) given the pre-activation gradient, reading the concat through skip and
-    the upsampled x."""
-    if kernels := _triton_kernels(grad):
-        with kernel_device(grad):
+    need_input: bool,
+    need_weight: bool,
+) -> tuple[Tensor, Tensor]:
+    """(d(loss)/d(concat), d(loss)/d(weight)) given the pre-activation gradient, as
+    conv2d_grad: the Triton grad_weight reads the concat through skip and the upsampled x; the
+    composite makes the concat and one convolution_backward call."""
+    if not (kernels := _triton_kernels(grad)):
+        concat = upsample_concat(x, skip, mode, align_corners)
+        return conv2d_grad(grad, concat, weight, padding, need_input, need_weight)
+    with kernel_device(grad):
+        grad_concat = grad_w = grad.new_empty(0)
+        if need_input:
+            height, width = skip.shape[2:]
+            grad_concat = kernels.grad_input(grad, weight, height, width, padding)
+        if need_weight:
             concat = (skip, mode, align_corners)
-            return kernels.grad_weight(grad, x, kernel_height, kernel_width, padding, concat)
-    concat = upsample_concat(x, skip, mode, align_corners)
-    return conv2d_grad_weight(grad, concat, kernel_height, kernel_width, padding)
+            kh, kw = weight.shape[2:]
+            grad_w = kernels.grad_weight(grad, x, kh, kw, padding, concat)
+        return grad_concat, grad_w
 
 
-@upsample_concat_conv2d_grad_weight.register_fake
-def _(grad, x, skip, kernel_height, kernel_width, padding, mode, align_corners):
-    c_in = skip.shape[1] + x.shape[1]
-    return grad.new_empty((grad.shape[1], c_in, kernel_height, kernel_width))
+@upsample_concat_conv2d_grad.register_fake
+def _(grad, x, skip, weight, padding, mode, align_corners, need_input, need_weight):
+    concat_shape = (skip.shape[0], weight.shape[1], *skip.shape[2:])
+    grad_concat = empty_channels_last(concat_shape, grad) if need_input else grad.new_empty(0)
+    grad_w = grad.new_empty(weight.shape) if need_weight else grad.new_empty(0)
+    return grad_concat, grad_w
 
 
 def _setup_context(ctx, inputs, output):
@@ -122,9 +132,13 @@ def _backward(ctx, grad_out):
         if need_bias:
             grad_bias = bias_grad_sum(grad_out)
     grad_x = grad_skip = grad_w = None
-    if need_x or need_skip:
-        height, width = skip.shape[2:]
-        grad_concat = conv2d_grad_input(grad, weight, height, width, ctx.padding)
+    need_concat = need_x or need_skip
+    if need_concat or need_weight:
+        grad_concat, grad_w = upsample_concat_conv2d_grad(
+            grad, x, skip, weight, ctx.padding, ctx.mode, ctx.align_corners, need_concat,
+            need_weight,
+        )  # fmt: skip
+    if need_concat:
         c_skip = skip.shape[1]
         if need_skip:
             grad_skip = grad_concat[:, :c_skip]
@@ -132,11 +146,7 @@ def _backward(ctx, grad_out):
             grad_x = upsample_grad(
                 grad_concat[:, c_skip:], x.shape[2], x.shape[3], ctx.mode, ctx.align_corners
             )
-    if need_weight:
-        kh, kw = weight.shape[2:]
-        grad_w = upsample_concat_conv2d_grad_weight(
-            grad, x, skip, kh, kw, ctx.padding, ctx.mode, ctx.align_corners
-        )
+    grad_w = grad_w if need_weight else None
     grad_bias = grad_bias if need_bias else None
     return grad_x, grad_skip, grad_w, grad_bias, None, None, None, None
 
