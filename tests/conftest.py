@@ -5,11 +5,16 @@ any test module imports fastunet.
 """
 
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# torch.compile's on-disk caches key a graph by its forward ops, not by a custom op's registered
+# backward (PyTorch issue #144344): a cache written by older sources would run their backward,
+# even call an op that no longer exists. Each test session compiles into a cache of its own.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastunet-inductor-")
 
 import pytest
 from helpers import KERNEL_DEVICE, assert_kernel_backend, interpreter_problem
