@@ -128,7 +128,9 @@ def _bench(args: argparse.Namespace) -> int:
             json.dump(result, f, indent=2)
 
     try:
-        result = suite.run(device, args.quick, cases, include_ops, progress, checkpoint)
+        result = suite.run(
+            device, args.quick, cases, include_ops, progress, checkpoint, args.model_seconds * 1e3
+        )
     finally:
         progress.close()
     if args.markdown:
@@ -148,8 +150,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from fastunet.bench.suite import COMPILE_CHOICES
+    from fastunet.bench.suite import COMPILE_CHOICES, MODEL_REP_MS
 
     parser = argparse.ArgumentParser(prog="fastunet", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -187,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--case", action="append", default=None,
         help="time only this model case (repeatable; no op rows): e.g. N16-256-bf16, N1-256-bf16",
+    )  # fmt: skip
+    bench.add_argument(
+        "--model-seconds", type=_positive_float, default=MODEL_REP_MS / 1e3,
+        help="about how long each model candidate is timed per row (default %(default)s; on a "
+        "noisy CPU, more gives steadier medians)",
     )  # fmt: skip
     bench.add_argument("--output", default="fastunet-bench.json", help="the JSON result")
     bench.add_argument("--markdown", default=None, help="also write the tables as markdown")

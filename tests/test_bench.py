@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastunet import ReferenceUNet, UNet
 from fastunet.bench.counts import model_counts
 from fastunet.cli import main
+from fastunet.ops import _timing
 
 OP_FIELDS = {"op", "level", "shape", "dtype", "pass", "backend", "time_ms", "speedup", "flops",
              "bytes", "tflops", "gbps", "tflops_fraction", "gbps_fraction", "parity"}  # fmt: skip
@@ -119,7 +120,10 @@ def test_plot_without_matplotlib_is_a_clear_error(capsys, monkeypatch):
     assert "--plot needs matplotlib" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["bench", "--only", "everything"], ["bench", "--bogus"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["bench", "--only", "everything"], ["bench", "--bogus"], ["bench", "--model-seconds", "0"]],
+)
 def test_bench_usage_errors_exit_2(argv):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -129,6 +133,29 @@ def test_bench_usage_errors_exit_2(argv):
 def test_bench_without_a_gpu_runs_the_quick_suite(torch_backend, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     output = tmp_path / "result.json"
-    assert main(["bench", "--only", "model", "--no-progress", "--output", str(output)]) == 0
+    argv = ["bench", "--only", "model", "--no-progress", "--model-seconds", "0.1"]
+    assert main([*argv, "--output", str(output)]) == 0
     assert "no CUDA device, so the --quick suite" in capsys.readouterr().err
-    assert json.loads(output.read_text())["meta"]["quick"] is True
+    meta = json.loads(output.read_text())["meta"]
+    assert meta["quick"] is True and meta["model_rep_ms"] == 100
+
+
+def test_cpu_timing_takes_turns_and_gives_each_step_its_median(monkeypatch):
+    """On the CPU the candidates alternate, one call each per round (the order flipping each
+    round), after a warm-up call per input set; each gets the median of its own calls."""
+    clock, calls = [0.0], []
+
+    def step(name, ms):
+        def run(i):
+            calls.append((name, i))
+            clock[0] += ms(i) / 1e3
+
+        return run
+
+    monkeypatch.setattr(_timing.time, "perf_counter", lambda: clock[0])
+    steps = {"a": step("a", lambda i: 1 + i), "b": step("b", lambda i: 3.0)}
+    times = _timing.compare_ms(steps, 2, torch.device("cpu"), rep_ms=0)
+    assert calls[:4] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    rounds = [("a", 0), ("b", 0)], [("b", 1), ("a", 1)]
+    assert calls[4:] == [*rounds[0], *rounds[1], *rounds[0], *rounds[1], *rounds[0]]
+    assert times == pytest.approx({"a": 1.0, "b": 3.0})  # a: 1, 2, 1, 2, 1 ms

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_same_bits
 
 from fastunet import ReferenceUNet, UNet
 from fastunet.nn import Conv2dReLU
@@ -87,7 +88,7 @@ def test_the_faster_path_runs(cache, measured, faster):
     out = run_conv(layer, x, spy)
     assert spy.calls == (1 if faster == "fastunet" else 0)
     torch.testing.assert_close(out, F.relu(F.conv2d(x, layer.weight, layer.bias, padding=1)))
-    key = _choice.layer_key("conv2d_relu", (x, layer.weight, layer.bias, 1, True))
+    key = _choice.call_key("conv2d_relu", (x, layer.weight, layer.bias, 1, True))
     assert _choice._decided[key].path == faster
     assert "measured" in _choice._decided[key].reason
 
@@ -121,6 +122,30 @@ def test_keys_name_device_op_pass_dtype_autocast_shapes_and_layout():
     assert key == (
         "cpu|conv2d_relu|forward+backward|float32-autocast-bfloat16|2x3x8x8-nhwc|4x3x3x3|None|1|True"
     )
+
+
+def test_the_call_key_tells_apart_what_the_layer_key_does():
+    x = torch.randn(2, 3, 8, 8)
+    x_nhwc = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+
+    def both_keys(*args):
+        return _choice.layer_key("conv2d_relu", args), _choice.call_key("conv2d_relu", args)
+
+    keys = {
+        "plain": both_keys(x, w, None, 1, True),
+        "other pass": both_keys(x, w.detach(), None, 1, True),
+        "other dtype": both_keys(x.double(), w.double(), None, 1, True),
+        "other shape": both_keys(x[:1], w, None, 1, True),
+        "other layout": both_keys(x_nhwc, w, None, 1, True),
+        "other value": both_keys(x, w, None, 0, True),
+        "bias": both_keys(x, w, torch.zeros(4), 1, True),
+    }
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        keys["autocast"] = both_keys(x, w, None, 1, True)
+    assert len({text for text, _ in keys.values()}) == len(keys)
+    assert len({memo for _, memo in keys.values()}) == len(keys)
+    assert both_keys(x.clone(), w, None, 1, True) == keys["plain"]
 
 
 def test_a_new_process_reads_the_choice_and_gets_the_same_bits(cache, measured, monkeypatch):
@@ -258,3 +283,25 @@ def test_on_the_cpu_unet_is_referenceunet_bit_for_bit(monkeypatch, upsample):
     expected.sum().backward()
     for (name, a), b in zip(fast.named_parameters(), reference.parameters(), strict=True):
         assert torch.equal(a.grad, b.grad), name
+
+
+@pytest.mark.parametrize("skip_first", [True, False])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("size", [(6, 4), (1, 2)])
+def test_pytorchs_nearest_2x_concat_is_interpolate_and_cat_bit_for_bit(
+    skip_first, layout, dtype, size, monkeypatch
+):
+    """Without autograd, PyTorch's path writes an exact 2x nearest upsample straight into the
+    concat: the same bits, the same layout."""
+    x = torch.randn(2, 3, *size, dtype=dtype).contiguous(memory_format=layout)
+    skip = torch.randn(2, 5, 2 * size[0], 2 * size[1], dtype=dtype)
+    skip = skip.contiguous(memory_format=layout)
+    x[0, 0, 0, 0], skip[1, 1, 0, 0] = float("nan"), -0.0
+    up = F.interpolate(x, size=skip.shape[-2:], mode="nearest")
+    expected = torch.cat([skip, up] if skip_first else [up, skip], 1)
+    monkeypatch.setattr(F, "interpolate", None)  # the direct write, not interpolate, runs
+    with torch.no_grad():
+        got = _choice.TORCH_PATHS["upsample_concat"](x, skip, "nearest", False, skip_first)
+    assert got.stride() == expected.stride()
+    assert_same_bits(got, expected)

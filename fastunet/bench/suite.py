@@ -21,7 +21,7 @@ from torch import nn
 from fastunet import ReferenceUNet, UNet, ops
 from fastunet.bench import accelerated, counts, parity
 from fastunet.bench.shapes import ConvShape, PoolShape, UpsampleShape, unet_shapes
-from fastunet.bench.timing import ceilings, median_ms, peak_memory_mb
+from fastunet.bench.timing import ceilings, compare_ms, peak_memory_mb
 from fastunet.info import info
 from fastunet.ops import _choice
 from fastunet.ops._backend import choose
@@ -238,10 +238,11 @@ def run_op_bench(bench: OpBench, name: str, dtype, device, ceiling) -> list[dict
     backend = choose(bench.op, device, dtype)
     rows = []
     for backward in (False, True):
-        times = {
-            candidate: median_ms(op_step(bench, fn, sets, backward), INPUT_SETS, device)
+        steps = {
+            candidate: op_step(bench, fn, sets, backward)
             for candidate, fn in (("fastunet", bench.fastunet), ("eager", bench.eager))
         }
+        times = compare_ms(steps, INPUT_SETS, device)
         amounts = bench.counts(torch.empty((), dtype=dtype).element_size(), backward)
         rows.append({
             "op": bench.op,
@@ -332,7 +333,24 @@ def model_step(module, training: bool, autocast, device):
     return run
 
 
-def run_model_case(case: ModelCase, device, ceiling, quick: bool, progress) -> list[dict]:
+def _model_timing_step(case: ModelCase, candidate: tuple, training: bool, inputs, device):
+    """step(i): one inference or training step of a candidate on input set i, with its own
+    cudnn.benchmark setting (the candidates take turns on the CPU)."""
+    module, layout, autocast, benchmark = candidate
+    module.train(training)
+    run = model_step(module, training, autocast, device)
+    sets = [(x.contiguous(memory_format=layout), t) for x, t in inputs]
+
+    def step(i):
+        torch.backends.cudnn.benchmark = benchmark
+        return run(*sets[i])
+
+    return step
+
+
+def run_model_case(
+    case: ModelCase, device, ceiling, quick: bool, progress, rep_ms: float = MODEL_REP_MS
+) -> list[dict]:
     torch.manual_seed(0)
     reference, fast = case_models(case, device)
     inputs = [
@@ -348,22 +366,16 @@ def run_model_case(case: ModelCase, device, ceiling, quick: bool, progress) -> l
         notes["eager_bf16_cl"] = "not timed: bf16 on the CPU, for an fp32 case, says little"
     rows = []
     for training in (False, True):
-        times, memory = {}, {}
-        for name, (module, layout, autocast, benchmark) in candidates.items():
-            progress(f"model {case.name} {'training' if training else 'inference'} {name}")
-            torch.backends.cudnn.benchmark = benchmark
-            module.train(training)
-            run = model_step(module, training, autocast, device)
-            sets = [(x.contiguous(memory_format=layout), t) for x, t in inputs]
-            times[name] = median_ms(
-                lambda i, run=run, sets=sets: run(*sets[i]), INPUT_SETS, device,
-                warmup_ms=MODEL_WARMUP_MS, rep_ms=MODEL_REP_MS,
-            )  # fmt: skip
-            memory[name] = peak_memory_mb(lambda i, run=run, sets=sets: run(*sets[i]), device)
-            if name == "fastunet":
-                with _choice.recording() as calls:
-                    run(*sets[0])
-                layers = _layer_paths(calls)
+        progress(f"model {case.name} {'training' if training else 'inference'}")
+        steps = {
+            name: _model_timing_step(case, candidate, training, inputs, device)
+            for name, candidate in candidates.items()
+        }
+        times = compare_ms(steps, INPUT_SETS, device, warmup_ms=MODEL_WARMUP_MS, rep_ms=rep_ms)
+        memory = {name: peak_memory_mb(step, device) for name, step in steps.items()}
+        with _choice.recording() as calls:
+            steps["fastunet"](0)
+        layers = _layer_paths(calls)
         size = torch.empty((), dtype=case.dtype).element_size()
         amounts = counts.model_counts(
             case.batch, case.size, case.base_channels, case.depth, element_size=size,
@@ -447,6 +459,7 @@ def run(
     include_ops: bool = True,
     progress: Callable[[str], None] = lambda message: None,
     checkpoint: Callable[[dict], None] = lambda result: None,
+    model_rep_ms: float = MODEL_REP_MS,
 ) -> dict:
     """Run the suite; the result is what `fastunet bench` writes as JSON. `cases` defaults to
     model_cases(quick); checkpoint(result) is called after each op and model case, so a run cut
@@ -459,6 +472,7 @@ def run(
         "meta": {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "quick": quick,
+            "model_rep_ms": model_rep_ms,
             "device": environment["device"],
             "device_name": environment["device_name"],
             "driver": _driver_version() if device.type == "cuda" else None,
@@ -484,6 +498,6 @@ def run(
             result["ops"] += run_op_bench(bench, name, dtype, device, ceiling)
             checkpoint(result)
     for case in cases:
-        result["model"] += run_model_case(case, device, ceiling, quick, progress)
+        result["model"] += run_model_case(case, device, ceiling, quick, progress, model_rep_ms)
         checkpoint(result)
     return result

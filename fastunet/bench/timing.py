@@ -1,8 +1,9 @@
 """Timing, peak memory and the device's own ceilings.
 
-On CUDA, times are medians of CUDA-event timings from `triton.testing.do_bench` (which also
-flushes L2 between runs), after its warm-up, with every call taking the next of several input
-sets so the cache is not what is measured. On the CPU, a few wall-clock repeats.
+Times come from `fastunet.ops._timing.compare_ms`: on CUDA, medians of CUDA-event timings from
+`triton.testing.do_bench` (which also flushes L2 between runs), after its warm-up; on the CPU,
+wall-clock medians with the candidates taking turns. Every call takes the next of several input
+sets, so the cache is not what is measured.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from fastunet.ops._timing import median_ms as median_ms  # the op layer times its choices too
+from fastunet.ops._timing import compare_ms as compare_ms  # the op layer times its choices too
 
 
 def peak_memory_mb(step: Callable[[int], object], device: torch.device) -> float | None:
