@@ -23,8 +23,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastunet
+from fastunet._accelerate import modules
 from fastunet.bench.parity import relative_error
 from fastunet.bench.styles import MilesialStyleUNet, SmpStyleUNet
+from fastunet.ops import _choice
 
 CONV, POOL, UPCAT = (
     "fastunet::conv2d_relu",
@@ -314,6 +316,24 @@ def test_training_batch_norm_in_an_eval_model_is_not_folded(torch_backend):
     fast = fastunet.accelerate(original)
     for _ in range(2):
         compare(original, fast, torch.randn(2, 3, 16, 16))
+
+
+def test_on_the_cpu_an_eval_model_runs_as_written_bit_for_bit(monkeypatch):
+    """Under the CPU rule every layer runs PyTorch's path, so BatchNorm is not folded (folding
+    on every call cost more than the BatchNorm pass): the same calls as the original."""
+    monkeypatch.setattr(_choice, "INTERPRET", False)
+    monkeypatch.setattr(modules, "fold_batch_norm", None)  # never called
+    torch.manual_seed(0)
+    original = MilesialStyleUNet(3, 2, 4, 2).eval()
+    fast = fastunet.accelerate(original)
+    x = torch.randn(2, 3, 16, 16)
+    for _ in range(2):  # the first call with these shapes traces; the second runs the trace
+        out, expected = fast(x), original(x)
+        assert torch.equal(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    for (name, a), b in zip(fast.named_parameters(), original.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad), name
 
 
 def test_unbatched_input_and_negative_slope(torch_backend):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastunet import ops
-from fastunet.ops._choice import run_layer
+from fastunet.ops._choice import run_layer, runs_pytorch_by_rule
 from fastunet.ops._common import memory_format_of
 
 
@@ -111,6 +111,15 @@ class FusedConv2d(nn.Conv2d):
     ) -> Tensor:
         """activation(batch_norm(conv(x))) in one op; batch_norm must fold (eval) or be None."""
         weight, bias = self.weight, self.bias
+        if batch_norm is not None and runs_pytorch_by_rule(x):
+            # PyTorch's path on this device anyway: conv, BatchNorm and activation as written,
+            # since folding on every call costs more on the CPU than the BatchNorm pass.
+            out = F.conv2d(x, weight, bias, padding=self.padding)
+            out = F.batch_norm(
+                out, batch_norm.running_mean, batch_norm.running_var, batch_norm.weight,
+                batch_norm.bias, training=False, eps=batch_norm.eps,
+            )  # fmt: skip
+            return _activation(out, negative_slope)
         if batch_norm is not None:
             weight, bias = fold_batch_norm(weight, bias, batch_norm)
         if x.dim() != 4 or not x.is_floating_point():

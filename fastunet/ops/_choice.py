@@ -311,6 +311,12 @@ def _rule(op: str, x: Tensor) -> Choice | None:
     return None
 
 
+def runs_pytorch_by_rule(x: Tensor) -> bool:
+    """Whether every layer on x's device runs PyTorch's own path without measuring (the CPU
+    rule): a caller may then run the layers it replaced as they were written."""
+    return _rule("conv2d_relu", x) is CPU_CHOICE
+
+
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
