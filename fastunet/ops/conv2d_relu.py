@@ -166,9 +166,11 @@ def conv2d_grad(
             if need_weight:
                 grad_w = kernels.grad_weight(grad, x, weight.shape[2], weight.shape[3], padding)
             return _or_empty(grad_x, grad), _or_empty(grad_w, grad)
+    # A dense weight: aten's slow CPU path writes grad_weight in the weight's layout, and
+    # refuses a permuted one.
     grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-        _upcast(grad), _upcast(x), _upcast(weight), None, stride=[1, 1], padding=[padding] * 2,
-        dilation=[1, 1], transposed=False, output_padding=[0, 0], groups=1,
+        _upcast(grad), _upcast(x), _upcast(weight).contiguous(), None, stride=[1, 1],
+        padding=[padding] * 2, dilation=[1, 1], transposed=False, output_padding=[0, 0], groups=1,
         output_mask=[need_input, need_weight, False],
     )  # fmt: skip
     if grad_x is not None:
