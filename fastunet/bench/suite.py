@@ -333,7 +333,7 @@ def model_step(module, training: bool, autocast, device):
     return run
 
 
-def _model_timing_step(case: ModelCase, candidate: tuple, training: bool, inputs, device):
+def _model_timing_step(candidate: tuple, training: bool, inputs, device):
     """step(i): one inference or training step of a candidate on input set i, with its own
     cudnn.benchmark setting (the candidates take turns on the CPU)."""
     module, layout, autocast, benchmark = candidate
@@ -368,7 +368,7 @@ def run_model_case(
     for training in (False, True):
         progress(f"model {case.name} {'training' if training else 'inference'}")
         steps = {
-            name: _model_timing_step(case, candidate, training, inputs, device)
+            name: _model_timing_step(candidate, training, inputs, device)
             for name, candidate in candidates.items()
         }
         times = compare_ms(steps, INPUT_SETS, device, warmup_ms=MODEL_WARMUP_MS, rep_ms=rep_ms)

@@ -326,12 +326,9 @@ def call_key(op: str, args: tuple) -> tuple:
     its choice up by it (strides stand in for the layout, so it can only be finer)."""
     x = args[0]
     kind = x.device.type
-    training = torch.is_grad_enabled() and any(
-        isinstance(a, Tensor) and a.requires_grad for a in args
-    )
     autocast = torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind)
     described = ((a.dtype, a.shape, a.stride()) if isinstance(a, Tensor) else a for a in args)
-    return (op, x.device, training, autocast, *described)
+    return (op, x.device, _is_training(args), autocast, *described)
 
 
 def choose_path(op: str, fastunet_fn: Callable, args: tuple) -> Choice:

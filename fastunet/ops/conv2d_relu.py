@@ -160,12 +160,12 @@ def conv2d_grad(
     """
     if kernels := _triton_kernels(grad):
         with kernel_device(grad):
-            grad_x = grad_w = None
+            grad_x = grad_w = grad.new_empty(0)
             if need_input:
                 grad_x = kernels.grad_input(grad, weight, x.shape[2], x.shape[3], padding)
             if need_weight:
                 grad_w = kernels.grad_weight(grad, x, weight.shape[2], weight.shape[3], padding)
-            return _or_empty(grad_x, grad), _or_empty(grad_w, grad)
+            return grad_x, grad_w
     # A dense weight: aten's slow CPU path writes grad_weight in the weight's layout, and
     # refuses a permuted one.
     grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
@@ -173,23 +173,24 @@ def conv2d_grad(
         padding=[padding] * 2, dilation=[1, 1], transposed=False, output_padding=[0, 0], groups=1,
         output_mask=[need_input, need_weight, False],
     )  # fmt: skip
-    if grad_x is not None:
-        grad_x = grad_x.to(grad.dtype).contiguous(memory_format=CHANNELS_LAST)
-    if grad_w is not None:
-        grad_w = grad_w.to(grad.dtype).contiguous()
-    return _or_empty(grad_x, grad), _or_empty(grad_w, grad)
+    not_needed = grad.new_empty(0)  # a custom op cannot return None
+    return (
+        not_needed if grad_x is None
+        else grad_x.to(grad.dtype).contiguous(memory_format=CHANNELS_LAST),
+        not_needed if grad_w is None else grad_w.to(grad.dtype).contiguous(),
+    )  # fmt: skip
 
 
-def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
-    """A custom op cannot return None: a gradient not asked for is an empty tensor."""
-    return like.new_empty(0) if t is None else t
+def fake_conv_grads(grad: Tensor, input_shape, weight_shape, need_input: bool, need_weight: bool):
+    """The fake (input gradient, weight gradient) of conv2d_grad and the decoder's grad op."""
+    grad_input = empty_channels_last(input_shape, grad) if need_input else grad.new_empty(0)
+    grad_weight = grad.new_empty(weight_shape) if need_weight else grad.new_empty(0)
+    return grad_input, grad_weight
 
 
 @conv2d_grad.register_fake
 def _(grad, x, weight, padding, need_input, need_weight):
-    grad_x = empty_channels_last(x.shape, grad) if need_input else grad.new_empty(0)
-    grad_w = grad.new_empty(weight.shape) if need_weight else grad.new_empty(0)
-    return grad_x, grad_w
+    return fake_conv_grads(grad, x.shape, weight.shape, need_input, need_weight)
 
 
 def _setup_context(ctx, inputs, output):

@@ -25,6 +25,7 @@ from fastunet.ops.conv2d_relu import (
     conv2d_grad,
     conv2d_relu,
     conv2d_relu_grad_output,
+    fake_conv_grads,
 )
 from fastunet.ops.upsample_concat import _check as check_upsample_concat
 from fastunet.ops.upsample_concat import upsample_concat, upsample_grad
@@ -108,9 +109,7 @@ def upsample_concat_conv2d_grad(
 @upsample_concat_conv2d_grad.register_fake
 def _(grad, x, skip, weight, padding, mode, align_corners, need_input, need_weight):
     concat_shape = (skip.shape[0], weight.shape[1], *skip.shape[2:])
-    grad_concat = empty_channels_last(concat_shape, grad) if need_input else grad.new_empty(0)
-    grad_w = grad.new_empty(weight.shape) if need_weight else grad.new_empty(0)
-    return grad_concat, grad_w
+    return fake_conv_grads(grad, concat_shape, weight.shape, need_input, need_weight)
 
 
 def _setup_context(ctx, inputs, output):
