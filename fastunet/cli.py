@@ -67,7 +67,8 @@ def _tune(args: argparse.Namespace) -> int:
     for key, choice in table.items():
         print(f"{choice.path:8}  {key}\n          {choice.reason}")
     counts = _choice.summarize(list(table.items()))
-    print(f"\n{len(table)} layer shapes: {counts['fastunet']} fastunet, {counts['torch']} torch; "
+    shapes = counts["fastunet"] + counts["torch"]
+    print(f"\n{shapes} layer shapes: {counts['fastunet']} fastunet, {counts['torch']} torch; "
           f"measured choices are kept in {_choice.cache_file(device)}")  # fmt: skip
     return 0
 

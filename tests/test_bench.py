@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastunet import ReferenceUNet, UNet
 from fastunet.bench.counts import model_counts
 from fastunet.cli import main
-from fastunet.ops import _timing
+from fastunet.ops import _choice, _timing
 
 OP_FIELDS = {"op", "level", "shape", "dtype", "pass", "backend", "time_ms", "speedup", "flops",
              "bytes", "tflops", "gbps", "tflops_fraction", "gbps_fraction", "parity"}  # fmt: skip
@@ -28,6 +28,7 @@ def quick_result(tmp_path_factory):
     """`fastunet bench --quick` as a user runs it: a fresh process, no Triton interpreter."""
     path = tmp_path_factory.mktemp("bench") / "result.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FASTUNET_CACHE_DIR"] = str(path.parent)  # the CPU's layout choices land here
     command = [sys.executable, "-m", "fastunet.cli", "bench", "--quick", "--no-progress",
                "--device", "cpu", "--output", str(path)]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -65,6 +66,10 @@ def test_quick_bench_writes_every_field(quick_result):
         else:
             assert row["parity"]["ratio"]["output"] <= 2, row
         assert row["layers"]["fastunet"] + row["layers"]["torch"] > 0
+        # UNet measures its layout on the CPU; accelerate keeps the model's own.
+        accelerated = row["case"].endswith("accelerate-fp32")
+        assert (row["layers"]["layout"] is None) if accelerated else (
+            row["layers"]["layout"] in _choice.LAYOUTS)  # fmt: skip
 
 
 class CountBytes(TorchDispatchMode):

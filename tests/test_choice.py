@@ -266,23 +266,143 @@ def test_measure_times_both_paths_and_leaves_inputs_and_rng_alone():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
-@pytest.mark.parametrize("upsample", ["nearest", "bilinear"])
-def test_on_the_cpu_unet_is_referenceunet_bit_for_bit(monkeypatch, upsample):
-    """The CPU rule runs PyTorch's own path in every layer: the same calls as the reference."""
+@pytest.fixture
+def cpu_rule(monkeypatch):
+    """The CPU rule holds, as outside this suite, whose conftest turns the interpreter on."""
     monkeypatch.setattr(_choice, "INTERPRET", False)
+
+
+@pytest.fixture
+def layout_times(monkeypatch):
+    """_measure_layouts returns the timings in `layout_times.times` and counts its calls."""
+
+    class Timer:
+        def __init__(self):
+            self.times, self.calls = {"contiguous": 2.0, "channels_last": 1.0}, 0
+
+        def __call__(self, run, x, params, training):
+            self.calls += 1
+            return dict(self.times)
+
+    timer = Timer()
+    monkeypatch.setattr(_choice, "_measure_layouts", timer)
+    return timer
+
+
+def faster_layout(timer, name):
+    timer.times = {"contiguous": 1.0, "channels_last": 2.0} if name == "contiguous" else {
+        "contiguous": 2.0, "channels_last": 1.0}  # fmt: skip
+    return _choice.LAYOUTS[name]
+
+
+@pytest.mark.parametrize("input_layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("faster", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("upsample", ["nearest", "bilinear"])
+def test_on_the_cpu_unet_is_referenceunet_in_the_faster_layout_bit_for_bit(
+    cache, cpu_rule, layout_times, upsample, faster, input_layout
+):
+    """The CPU rule runs PyTorch's own path in every layer, so in the layout that measured
+    faster UNet makes the same calls as ReferenceUNet in that layout: the same bits, forward
+    and every gradient. The output keeps the input's layout."""
+    layout = faster_layout(layout_times, faster)
     torch.manual_seed(0)
     reference = ReferenceUNet(3, 2, 4, 2, upsample=upsample)
     fast = UNet.from_reference(reference)
-    x = torch.randn(2, 3, 16, 12)
+    reference = reference.to(memory_format=layout)
+    x = torch.randn(2, 3, 16, 12).contiguous(memory_format=input_layout)
     with _choice.recording() as calls:
         out = fast(x)
-    assert _choice.summarize(calls) == {"fastunet": 0, "torch": len(calls)}
-    expected = reference(x)
+    layers = [key for key, choice in calls if choice.path in _choice.PATHS]
+    assert _choice.summarize(calls) == {"fastunet": 0, "torch": len(layers)}
+    convs_inputs = [key.split("|")[4] for key in layers if "|conv2d_relu|" in key]
+    assert all(x.endswith("-nhwc") == (faster == "channels_last") for x in convs_inputs)
+    assert out.is_contiguous(memory_format=input_layout)
+    expected = reference(x.contiguous(memory_format=layout))
     assert torch.equal(out, expected)
     out.sum().backward()
     expected.sum().backward()
     for (name, a), b in zip(fast.named_parameters(), reference.parameters(), strict=True):
         assert torch.equal(a.grad, b.grad), name
+
+
+def test_the_layout_is_measured_once_per_shape_and_pass_whatever_the_input_layout(
+    cache, cpu_rule, layout_times
+):
+    fast = UNet(3, 2, 4, 2)
+    x = torch.randn(2, 3, 16, 12)
+    out = fast(x)
+    assert torch.equal(fast(x.contiguous(memory_format=torch.channels_last)), out)
+    assert layout_times.calls == 1
+    with torch.no_grad():  # inference is another pass
+        fast(x)
+    fast(x[:1])  # another shape
+    UNet(3, 2, 4, 2, upsample="bilinear")(x)  # another model
+    assert layout_times.calls == 4
+    with _choice.recording() as calls:
+        fast(x)
+    assert layout_times.calls == 4
+    (key, choice), *_ = calls
+    assert key.startswith("cpu|unet-layout|forward+backward|float32|2x3x16x12|in_channels=3|")
+    assert choice.path == "channels_last"
+
+
+def test_a_new_process_reads_the_layout_and_gets_the_same_bits(
+    cache, cpu_rule, layout_times, monkeypatch
+):
+    fast = UNet(3, 2, 4, 2)
+    x = torch.randn(2, 3, 16, 12)
+    for faster in ("channels_last", "contiguous"):
+        faster_layout(layout_times, faster)
+        first = fast(x)
+        new_process(monkeypatch)
+        layout_times.times = None  # a measurement now would fail
+        assert torch.equal(fast(x), first)
+        (saved,) = cache.glob("choices-*.json")
+        (entry,) = json.loads(saved.read_text())["choices"].values()
+        assert entry["path"] == faster
+        saved.unlink()
+        new_process(monkeypatch)
+
+
+def test_an_entry_of_the_other_kind_is_not_taken_for_a_choice(cache, measured, monkeypatch):
+    layer, x = conv_layer()
+    key = _choice.layer_key("conv2d_relu", (x, layer.weight, layer.bias, 1, True))
+    _choice.cache_file(x.device).write_text(json.dumps({
+        "stamp": _choice.stamp(),
+        "choices": {key: {"path": "channels_last", "reason": "a layout", "times_ms": None}},
+    }))  # fmt: skip
+    run_conv(layer, x, Spy(lambda *a: None))
+    assert measured.calls == 1
+
+
+@pytest.mark.parametrize("why", ["interpreter", "forced backend", "torch.compile"])
+def test_the_layout_is_the_inputs_where_the_cpu_rule_does_not_hold(cache, monkeypatch, why):
+    monkeypatch.setattr(_choice, "_measure_layouts", None)  # measuring would fail
+    if why == "forced backend":
+        monkeypatch.setattr(_choice, "INTERPRET", False)
+        monkeypatch.setenv("FASTUNET_BACKEND", "torch")
+    fast = UNet(3, 2, 4, 1)
+    if why == "torch.compile":
+        monkeypatch.setattr(_choice, "INTERPRET", False)
+        fast = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    x = torch.randn(1, 3, 8, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), fast(x.contiguous(memory_format=torch.channels_last)))
+
+
+def test_measure_layouts_times_both_and_leaves_grads_rng_and_recording_alone(cache, cpu_rule):
+    fast = UNet(3, 2, 4, 2)
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    rng = torch.get_rng_state()
+    for grad_enabled in (False, True):
+        with torch.set_grad_enabled(grad_enabled), _choice.recording() as calls:
+            fast(x)
+        (layout,) = [choice for _, choice in calls if choice.path in _choice.LAYOUTS]
+        assert set(layout.times_ms) == set(_choice.LAYOUTS)
+        assert all(t > 0 for t in layout.times_ms.values())
+        assert len(calls) == 1 + 13  # the layout and one forward's layer calls, not the timed ones
+    assert x.grad is None and all(p.grad is None for p in fast.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 @pytest.mark.parametrize("skip_first", [True, False])

@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from fastunet import ReferenceUNet, UNet
+from fastunet.ops import _choice
 
 WORLD_SIZE = 2
 
@@ -26,7 +27,9 @@ def _train_step(model, x, target):
     optimizer.step()
 
 
-def _worker(rank, port, initial_state, results):
+def _worker(rank, port, initial_state, results, cpu_rule):
+    if cpu_rule:  # the interpreter off: layers run aten's, in the layout UNet measures faster
+        _choice.INTERPRET = False
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE
     )
@@ -44,17 +47,23 @@ def _worker(rank, port, initial_state, results):
 
 
 @pytest.mark.slow
-def test_ddp_training_step_matches_reference():
+@pytest.mark.parametrize("cpu_rule", [False, True], ids=["interpreter", "cpu-rule"])
+def test_ddp_training_step_matches_reference(cpu_rule, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTUNET_CACHE_DIR", str(tmp_path))
     initial_state = ReferenceUNet(3, 2, 4, 2).state_dict()
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), initial_state, results), nprocs=WORLD_SIZE)
+        args = (_free_port(), initial_state, results, cpu_rule)
+        mp.spawn(_worker, args=args, nprocs=WORLD_SIZE)
         results = dict(results)
     for rank in range(WORLD_SIZE):
         expected, got = results[("ReferenceUNet", rank)], results[("UNet", rank)]
         for name, value in expected.items():
             torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
             assert not torch.equal(value, initial_state[name]), f"{name} was not trained"
+    if cpu_rule:  # the layout was measured inside DDP's forward, and saved
+        (saved,) = tmp_path.glob("choices-*.json")
+        assert "unet-layout|forward+backward" in saved.read_text()
     # DDP keeps the replicas identical.
     for name, value in results[("UNet", 0)].items():
         assert torch.equal(value, results[("UNet", 1)][name])

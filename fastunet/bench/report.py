@@ -26,7 +26,7 @@ def model_table(result: dict) -> tuple[list[str], list[list[str]]]:
     for name in BASELINES:
         header += [f"{name} ms", "speedup"]
     header += ["peak MiB (fastunet / eager_bf16_cl)", "TFLOP/s (of peak)", "parity ratio out/grad",
-               "layers fastunet/torch"]  # fmt: skip
+               "layers fastunet/torch (layout)"]  # fmt: skip
     rows = []
     for row in result["model"]:
         line = [row["case"], row["mode"], _ms(row["time_ms"]["fastunet"])]
@@ -39,10 +39,17 @@ def model_table(result: dict) -> tuple[list[str], list[list[str]]]:
         line.append("-" if tflops is None else f"{tflops:.1f} ({_percent(row['tflops_fraction'])})")
         ratio = row["parity"]["ratio"]
         line.append(f"{_ratio(ratio['output'])} / {_ratio(ratio['grad_params'])}")
-        layers = row.get("layers")  # results written before the per-layer choice have none
-        line.append("-" if layers is None else f"{layers['fastunet']} / {layers['torch']}")
+        line.append(_layers(row.get("layers")))
         rows.append(line)
     return header, rows
+
+
+def _layers(layers: dict | None) -> str:
+    """The layer calls as "fastunet / torch", and the layout chosen if one was."""
+    if layers is None:  # results written before the per-layer choice have none
+        return "-"
+    layout = layers.get("layout")  # nor those written before the layout choice
+    return f"{layers['fastunet']} / {layers['torch']}" + (f" ({layout})" if layout else "")
 
 
 def op_table(result: dict) -> tuple[list[str], list[list[str]]]:

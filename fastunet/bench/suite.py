@@ -298,8 +298,8 @@ def model_candidates(
     """name -> (module, input memory format, autocast dtype or None, cudnn.benchmark)."""
     cl, nchw = torch.channels_last, torch.contiguous_format
     autocast = case.dtype if case.autocast else None
-    # On the CPU, where fastunet's layers run aten's, fastunet gets the layout of its same-dtype
-    # baseline: which layout is faster there depends on the dtype and the CPU, not on fastunet.
+    # On the CPU fastunet gets the input its same-dtype baseline gets; inside, it runs whichever
+    # layout measured faster for the shape and pass (`_choice.choose_layout`).
     on_cpu_nchw = torch.device(device).type == "cpu" and not case.autocast
     candidates = {
         "fastunet": (fast, nchw if on_cpu_nchw else cl, autocast, True),
@@ -409,12 +409,17 @@ def run_model_case(
 
 
 def _layer_paths(calls: list) -> dict:
-    """How many of fastunet's layer calls ran each path in one step, and why."""
+    """How many of fastunet's layer calls ran each path in one step, and why; and the layout the
+    model chose to run in (on the CPU; None where it chose none)."""
     reasons: dict[str, int] = {}
+    layout = None
     for _, choice in calls:
+        if choice.path in _choice.LAYOUTS:
+            layout = choice.path
+            continue
         reason = choice.reason.split(":")[0]  # "measured", "CPU", ...: the figures stay out
         reasons[reason] = reasons.get(reason, 0) + 1
-    return {**_choice.summarize(calls), "reasons": reasons}
+    return {**_choice.summarize(calls), "reasons": reasons, "layout": layout}
 
 
 def _compile_skip_reason(case: ModelCase, quick: bool) -> str:

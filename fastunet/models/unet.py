@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from fastunet.models._base import UNetBase
 from fastunet.models.reference import ReferenceUNet
 from fastunet.nn import Conv2dReLU, MaxPool2d
+from fastunet.ops._choice import choose_layout, runs_pytorch_by_rule
 from fastunet.ops._common import memory_format_of
 
 
@@ -26,8 +27,9 @@ class FusedDoubleConv(nn.Module):
 class UNet(UNetBase):
     """fastunet's UNet: same arguments, parameter names and results as ReferenceUNet.
 
-    Activations are channels_last inside on a GPU, in the input's layout on the CPU; the output
-    has the memory format of the input. Each layer runs the fastunet op or PyTorch's own path,
+    Activations are channels_last inside on a GPU; on the CPU, in whichever of NCHW and
+    channels_last measured faster for the shape and pass (see `_layout_inside`). The output has
+    the memory format of the input. Each layer runs the fastunet op or PyTorch's own path,
     whichever measures faster.
     `fast.load_state_dict(ref.state_dict())` is strict and exact, both ways.
     """
@@ -45,11 +47,21 @@ class UNet(UNetBase):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         layout = memory_format_of(x)
-        # channels_last on a GPU: the kernels' layout, and cuDNN's fastest for half types. On the
-        # CPU the layers run aten's, whose faster layout depends on the dtype and the CPU: the
-        # input's layout is kept, as ReferenceUNet does.
+        inside = self._layout_inside(x)
+        return self._run(x.contiguous(memory_format=inside)).contiguous(memory_format=layout)
+
+    def _layout_inside(self, x: Tensor) -> torch.memory_format:
+        """channels_last on a GPU: the kernels' layout, and cuDNN's fastest for half types. Where
+        every layer runs aten's by the CPU rule, the faster of NCHW and channels_last for this
+        shape and pass, as measured on its first call; elsewhere (the interpreter, a forced
+        backend, torch.compile) the input's."""
         if x.is_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
+            return torch.channels_last
+        if not torch.compiler.is_compiling() and x.numel() and runs_pytorch_by_rule(x):
+            return choose_layout("unet", self._run, x, list(self.parameters()), self.config)
+        return memory_format_of(x)
+
+    def _run(self, x: Tensor) -> Tensor:
         skips = []
         for level, encoder in enumerate(self.encoders):
             if level > 0:
@@ -62,7 +74,7 @@ class UNet(UNetBase):
             decoder = self.decoders[level]
             x = decoder.conv1.forward_upsampled(x, skips[level], self.upsample, self.align_corners)
             x = decoder.conv2(x)
-        return self.head(x).contiguous(memory_format=layout)
+        return self.head(x)
 
     @classmethod
     def from_reference(cls, reference: ReferenceUNet) -> UNet:

@@ -19,6 +19,11 @@ Choices made without measuring (`_rule`):
   kernel's logic is tested against);
 - inside torch.compile or a CUDA graph capture nothing can be timed: a cached choice, else the
   fastunet op (under torch.compile, always the fastunet op).
+
+Where the CPU rule holds, a whole model's activations can still run in either memory format:
+oneDNN's convolutions are faster in channels_last for some shapes and passes and in NCHW for
+others, so `choose_layout` times the model in both on its first call of a shape and keeps the
+faster, in the same cache.
 """
 
 from __future__ import annotations
@@ -46,11 +51,12 @@ from fastunet.ops._timing import compare_ms
 
 FORMAT = 1
 PATHS = ("fastunet", "torch")
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": CHANNELS_LAST}
 
 
 @dataclass(frozen=True)
 class Choice:
-    path: str  # "fastunet" or "torch" (PyTorch's own path)
+    path: str  # "fastunet" or "torch" (PyTorch's own path); a layout choice: a LAYOUTS name
     reason: str
     times_ms: dict[str, float] | None = None
 
@@ -183,7 +189,9 @@ class ChoiceCache:
             return {}
         entries = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(entries, dict) or not all(
-            isinstance(e, dict) and e.get("path") in PATHS and isinstance(e.get("reason"), str)
+            isinstance(e, dict)
+            and e.get("path") in (*PATHS, *LAYOUTS)
+            and isinstance(e.get("reason"), str)
             for e in entries.values()
         ):
             if warn:
@@ -196,9 +204,10 @@ class ChoiceCache:
             return {}
         return entries
 
-    def get(self, key: str) -> Choice | None:
+    def get(self, key: str, paths=PATHS) -> Choice | None:
+        """The saved choice for key, if it is one of `paths`."""
         entry = self.entries.get(key)
-        return None if entry is None else Choice(**entry)
+        return Choice(**entry) if entry is not None and entry["path"] in paths else None
 
     def put(self, key: str, choice: Choice) -> None:
         self.entries[key] = asdict(choice)
@@ -253,7 +262,7 @@ def _cache_for(device: torch.device) -> ChoiceCache:
 # ---------------------------------------------------------------- the choice
 
 
-def _is_training(args: tuple) -> bool:
+def _is_training(args) -> bool:
     return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
 
 
@@ -267,14 +276,20 @@ def _describe(value) -> str:
 
 def layer_key(op: str, args: tuple) -> str:
     """(device name, op, pass, dtype [+ autocast], each argument's shape and layout or value)."""
-    x = args[0]
-    parts = [device_name(x.device), op, "forward+backward" if _is_training(args) else "forward"]
+    return _text_key(op, args[0], _is_training(args), [_describe(a) for a in args])
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    kind = device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
+def _text_key(name: str, x: Tensor, training: bool, described: list[str]) -> str:
+    parts = [device_name(x.device), name, "forward+backward" if training else "forward"]
     parts.append(str(x.dtype).removeprefix("torch."))
-    if torch.is_autocast_enabled(x.device.type):
-        autocast = torch.get_autocast_dtype(x.device.type)
+    if autocast := _autocast_dtype(x.device):
         parts[-1] += "-autocast-" + str(autocast).removeprefix("torch.")
-    parts += [_describe(a) for a in args]
-    return "|".join(parts)
+    return "|".join(parts + described)
 
 
 def measure(op: str, fastunet_fn: Callable, args: tuple) -> dict[str, float]:
@@ -325,10 +340,8 @@ def call_key(op: str, args: tuple) -> tuple:
     """What layer_key says, as a tuple that is about half as costly to build: each call looks
     its choice up by it (strides stand in for the layout, so it can only be finer)."""
     x = args[0]
-    kind = x.device.type
-    autocast = torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind)
     described = ((a.dtype, a.shape, a.stride()) if isinstance(a, Tensor) else a for a in args)
-    return (op, x.device, _is_training(args), autocast, *described)
+    return (op, x.device, _is_training(args), _autocast_dtype(x.device), *described)
 
 
 def choose_path(op: str, fastunet_fn: Callable, args: tuple) -> Choice:
@@ -369,6 +382,66 @@ def run_layer(op: str, fastunet_fn: Callable, *args):
     return (fastunet_fn if choice.path == "fastunet" else TORCH_PATHS[op])(*args)
 
 
+def choose_layout(
+    model: str, run: Callable[[Tensor], Tensor], x: Tensor, params: list[Tensor], config: dict
+) -> torch.memory_format:
+    """The memory format in which `run`, a whole model whose layers all run PyTorch's path by
+    the CPU rule, computes best on x: timed in both on the first call of a (model, config,
+    device, pass, dtype, autocast, input shape) and kept, in this process and in the cache file.
+
+    Why measured: oneDNN's convolutions are faster in channels_last for some shapes and passes,
+    and in NCHW for others (on a 2-core x86 CPU, a UNet's inference ran 1.2-1.4x faster in
+    channels_last, its training step at 256x256 about 1.05-1.1x faster in NCHW). The input's
+    own layout is not in the key: an input gives the same bits in either layout.
+    """
+    training = _is_training((x, *params))
+    settings = tuple(config.items())
+    memo = ("layout", model, x.device, training, _autocast_dtype(x.device), x.dtype, x.shape,
+            settings)  # fmt: skip
+    choice = _decided.get(memo)
+    if choice is None or _recording is not None:
+        described = ["x".join(map(str, x.shape)), *(f"{k}={v}" for k, v in settings)]
+        key = _text_key(f"{model}-layout", x, training, described)
+    if choice is None:
+        choice = _cache_for(x.device).get(key, LAYOUTS)
+        if choice is None:
+            times = _measure_layouts(run, x, params, training)
+            path = min(times, key=times.get)
+            reason = "measured: " + ", ".join(f"{k} {t:.4g} ms" for k, t in times.items())
+            choice = Choice(path, reason, times)
+            _cache_for(x.device).put(key, choice)
+        _decided[memo] = choice
+    if _recording is not None:
+        _recording.append((key, choice))
+    return LAYOUTS[choice.path]
+
+
+def _measure_layouts(run, x: Tensor, params: list[Tensor], training: bool) -> dict[str, float]:
+    """Median ms of `run` with x in each layout: forward alone, or forward and backward to the
+    parameters (and x if it needs a gradient), on fresh leaves, so nothing gathers a gradient.
+    The layer calls made while timing are not recorded."""
+    global _recording
+    leaves = {name: x.detach().contiguous(memory_format=layout).requires_grad_(x.requires_grad)
+              for name, layout in LAYOUTS.items()}  # fmt: skip
+    needs_grad = [p for p in params if p.requires_grad]
+
+    def step(leaf: Tensor) -> None:
+        if not training:
+            with torch.no_grad():
+                run(leaf)
+            return
+        out = run(leaf)
+        wrt = [*needs_grad, leaf] if leaf.requires_grad else needs_grad
+        torch.autograd.grad(out, wrt, torch.ones_like(out))
+
+    steps = {name: lambda _, leaf=leaf: step(leaf) for name, leaf in leaves.items()}
+    outer, _recording = _recording, None
+    try:
+        return compare_ms(steps, 1, x.device)
+    finally:
+        _recording = outer
+
+
 @contextlib.contextmanager
 def recording() -> Iterator[list[tuple[str, Choice]]]:
     """Collects the (key, choice) of every layer call made inside the block."""
@@ -381,10 +454,12 @@ def recording() -> Iterator[list[tuple[str, Choice]]]:
 
 
 def summarize(calls: list[tuple[str, Choice]]) -> dict[str, int]:
-    """How many calls took each path, e.g. {"fastunet": 14, "torch": 9}."""
+    """How many layer calls took each path, e.g. {"fastunet": 14, "torch": 9} (layout choices
+    are not layer calls)."""
     counts = dict.fromkeys(PATHS, 0)
     for _, choice in calls:
-        counts[choice.path] += 1
+        if choice.path in counts:
+            counts[choice.path] += 1
     return counts
 
 
