@@ -58,7 +58,9 @@ class UNet(UNetBase):
         if x.is_cuda:
             return torch.channels_last
         if not torch.compiler.is_compiling() and x.numel() and runs_pytorch_by_rule(x):
-            return choose_layout("unet", self._run, x, list(self.parameters()), self.config)
+            weights = memory_format_of(self.encoders[0].conv2.weight)  # oneDNN follows them
+            config = {**self.config, "weights": str(weights).removeprefix("torch.")}
+            return choose_layout("unet", self._run, x, self.parameters, config)
         return memory_format_of(x)
 
     def _run(self, x: Tensor) -> Tensor:

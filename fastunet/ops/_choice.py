@@ -383,7 +383,11 @@ def run_layer(op: str, fastunet_fn: Callable, *args):
 
 
 def choose_layout(
-    model: str, run: Callable[[Tensor], Tensor], x: Tensor, params: list[Tensor], config: dict
+    model: str,
+    run: Callable[[Tensor], Tensor],
+    x: Tensor,
+    params: Callable[[], Iterator[Tensor]],
+    config: dict,
 ) -> torch.memory_format:
     """The memory format in which `run`, a whole model whose layers all run PyTorch's path by
     the CPU rule, computes best on x: timed in both on the first call of a (model, config,
@@ -392,9 +396,14 @@ def choose_layout(
     Why measured: oneDNN's convolutions are faster in channels_last for some shapes and passes,
     and in NCHW for others (on a 2-core x86 CPU, a UNet's inference ran 1.2-1.4x faster in
     channels_last, its training step at 256x256 about 1.05-1.1x faster in NCHW). The input's
-    own layout is not in the key: an input gives the same bits in either layout.
+    own layout is not in the key: an input gives the same bits in either layout. `config` must
+    name what else the timing depends on (on the CPU, oneDNN computes channels_last whenever the
+    weights are: their layout belongs in it).
     """
-    training = _is_training((x, *params))
+    # Not a list of the parameters on every call: gathering them costs about as much as a layer.
+    training = torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in params())
+    )
     settings = tuple(config.items())
     memo = ("layout", model, x.device, training, _autocast_dtype(x.device), x.dtype, x.shape,
             settings)  # fmt: skip
@@ -405,7 +414,7 @@ def choose_layout(
     if choice is None:
         choice = _cache_for(x.device).get(key, LAYOUTS)
         if choice is None:
-            times = _measure_layouts(run, x, params, training)
+            times = _measure_layouts(run, x, list(params()), training)
             path = min(times, key=times.get)
             reason = "measured: " + ", ".join(f"{k} {t:.4g} ms" for k, t in times.items())
             choice = Choice(path, reason, times)
