@@ -301,6 +301,8 @@ def model_candidates(
     # On the CPU fastunet gets the input its same-dtype baseline gets; inside, it runs whichever
     # layout measured faster for the shape and pass (`_choice.choose_layout`).
     on_cpu_nchw = torch.device(device).type == "cpu" and not case.autocast
+    if not on_cpu_nchw:  # channels_last weights as well, as eager_bf16_cl: no per-call reorder
+        fast = fast.to(memory_format=cl)
     candidates = {
         "fastunet": (fast, nchw if on_cpu_nchw else cl, autocast, True),
         "eager_fp32_nchw": (copy.deepcopy(reference), nchw, None, False),
