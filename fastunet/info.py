@@ -73,5 +73,6 @@ def format_info(report: dict) -> str:
     lines.append(
         "layers: " + (choice["rule"] or "fastunet op or PyTorch's own path, measured per layer")
     )
+    lines.append(f"  UNet's activations: {choice['unet_layout']}")
     lines.append(f"  choice cache: {choice['cache_file']} ({choice['cached']} measured choices)")
     return "\n".join(lines)

@@ -428,3 +428,10 @@ def test_pytorchs_nearest_2x_concat_is_interpolate_and_cat_bit_for_bit(
         got = _choice.TORCH_PATHS["upsample_concat"](x, skip, "nearest", False, skip_first)
     assert got.stride() == expected.stride()
     assert_same_bits(got, expected)
+
+
+def test_info_says_which_layout_unets_activations_take(cache, monkeypatch):
+    cpu = torch.device("cpu")
+    assert _choice.describe(cpu)["unet_layout"] == "the input's"  # the interpreter
+    monkeypatch.setattr(_choice, "INTERPRET", False)
+    assert "whichever measures faster" in _choice.describe(cpu)["unet_layout"]

@@ -262,7 +262,7 @@ def _cache_for(device: torch.device) -> ChoiceCache:
 # ---------------------------------------------------------------- the choice
 
 
-def _is_training(args) -> bool:
+def _is_training(args: tuple) -> bool:
     return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
 
 
@@ -453,7 +453,8 @@ def _measure_layouts(run, x: Tensor, params: list[Tensor], training: bool) -> di
 
 @contextlib.contextmanager
 def recording() -> Iterator[list[tuple[str, Choice]]]:
-    """Collects the (key, choice) of every layer call made inside the block."""
+    """Collects the (key, choice) of every layer call made inside the block, and of every
+    model's layout choice (`choose_layout`)."""
     global _recording
     outer, _recording = _recording, []
     try:
@@ -473,12 +474,20 @@ def summarize(calls: list[tuple[str, Choice]]) -> dict[str, int]:
 
 
 def describe(device: torch.device) -> dict:
-    """For `fastunet info`: how layers on `device` are chosen, and the cache behind it."""
+    """For `fastunet info`: how layers on `device` are chosen, the layout UNet's activations
+    take, and the cache behind both."""
     probe = torch.empty(0, device=device)
     rule = _rule("conv2d_relu", probe)
     path = cache_file(device)
+    if device.type == "cuda":
+        layout = "channels_last (the kernels' layout)"
+    elif rule is CPU_CHOICE:
+        layout = "NCHW or channels_last, whichever measures faster per input shape and pass"
+    else:
+        layout = "the input's"
     return {
         "rule": None if rule is None else f"{rule.path}: {rule.reason}",
+        "unet_layout": layout,
         "cache_file": str(path),
         "cached": len(_cache_for(device).entries),
     }
