@@ -435,3 +435,24 @@ def test_info_says_which_layout_unets_activations_take(cache, monkeypatch):
     assert _choice.describe(cpu)["unet_layout"] == "the input's"  # the interpreter
     monkeypatch.setattr(_choice, "INTERPRET", False)
     assert "whichever measures faster" in _choice.describe(cpu)["unet_layout"]
+
+
+def test_a_jit_trace_of_a_layer_measures_nothing(cache, measured, monkeypatch):
+    """A trace would record the timing runs into its graph: the fastunet op runs instead."""
+    from fastunet import ops
+
+    no_measuring(monkeypatch)
+    layer, x = conv_layer()
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, x, check_trace=False)
+        torch.testing.assert_close(traced(x), ops.conv2d_relu(x, layer.weight, layer.bias, 1))
+
+
+def test_a_jit_trace_of_unet_on_the_cpu_keeps_the_inputs_layout(cache, cpu_rule, monkeypatch):
+    monkeypatch.setattr(_choice, "_measure_layouts", None)  # measuring would fail
+    reference = ReferenceUNet(3, 2, 4, 2)
+    fast = UNet.from_reference(reference)
+    x = torch.randn(1, 3, 16, 12)
+    with torch.no_grad():
+        traced = torch.jit.trace(fast, x, check_trace=False)
+        assert torch.equal(traced(x), reference(x))  # the reference's calls, in NCHW

@@ -54,7 +54,7 @@ class UNet(UNetBase):
         """channels_last on a GPU: the kernels' layout, and cuDNN's fastest for half types. Where
         every layer runs aten's by the CPU rule, the faster of NCHW and channels_last for this
         shape and pass, as measured on its first call; elsewhere (the interpreter, a forced
-        backend, torch.compile) the input's."""
+        backend, torch.compile, a torch.jit trace of a shape not measured yet) the input's."""
         if x.is_cuda:
             return torch.channels_last
         if not torch.compiler.is_compiling() and x.numel() and runs_pytorch_by_rule(x):

@@ -17,8 +17,8 @@ Choices made without measuring (`_rule`):
 - on the CPU, PyTorch's own path: fastunet's CPU path is those aten calls plus the op layer's
   overhead, and the `_C` max-pool twin is slower than aten's (it stays the oracle that the CUDA
   kernel's logic is tested against);
-- inside torch.compile or a CUDA graph capture nothing can be timed: a cached choice, else the
-  fastunet op (under torch.compile, always the fastunet op).
+- inside torch.compile, a torch.jit trace or a CUDA graph capture nothing can be timed: a cached
+  choice, else the fastunet op (under torch.compile, always the fastunet op).
 
 Where the CPU rule holds, a whole model's activations can still run in either memory format:
 oneDNN's convolutions are faster in channels_last for some shapes and passes and in NCHW for
@@ -332,8 +332,11 @@ def runs_pytorch_by_rule(x: Tensor) -> bool:
     return _rule("conv2d_relu", x) is CPU_CHOICE
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+def _cannot_time(device: torch.device) -> bool:
+    """Inside a CUDA graph capture, or a torch.jit trace, which would record the timing runs."""
+    return torch.jit.is_tracing() or (
+        device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    )
 
 
 def call_key(op: str, args: tuple) -> tuple:
@@ -361,8 +364,9 @@ def choose_path(op: str, fastunet_fn: Callable, args: tuple) -> Choice:
     else:
         choice = _cache_for(x.device).get(key)
     if choice is None:
-        if _capturing(x.device):
-            return Choice("fastunet", "not measured yet, and nothing can be timed in a CUDA graph")
+        if _cannot_time(x.device):
+            return Choice("fastunet", "not measured yet, and nothing can be timed while tracing "
+                          "or capturing a CUDA graph")  # fmt: skip
         times = measure(op, fastunet_fn, args)
         path = "fastunet" if times["fastunet"] < times["torch"] else "torch"
         reason = f"measured: fastunet {times['fastunet']:.4g} ms, torch {times['torch']:.4g} ms"
@@ -413,6 +417,8 @@ def choose_layout(
         key = _text_key(f"{model}-layout", x, training, described)
     if choice is None:
         choice = _cache_for(x.device).get(key, LAYOUTS)
+        if choice is None and _cannot_time(x.device):
+            return memory_format_of(x)
         if choice is None:
             times = _measure_layouts(run, x, list(params()), training)
             path = min(times, key=times.get)
