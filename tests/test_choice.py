@@ -456,3 +456,18 @@ def test_a_jit_trace_of_unet_on_the_cpu_keeps_the_inputs_layout(cache, cpu_rule,
     with torch.no_grad():
         traced = torch.jit.trace(fast, x, check_trace=False)
         assert torch.equal(traced(x), reference(x))  # the reference's calls, in NCHW
+
+
+def test_under_the_cpu_rule_unets_layers_do_not_ask_one_by_one(
+    cache, cpu_rule, layout_times, monkeypatch
+):
+    """The rule is checked once a forward: each layer asking again cost about 10 us a call."""
+    reference = ReferenceUNet(3, 2, 4, 2)
+    fast = UNet.from_reference(reference)
+    x = torch.randn(2, 3, 16, 12)
+    faster_layout(layout_times, "contiguous")
+    monkeypatch.setattr(_choice, "choose_path", None)  # a layer asking would fail
+    assert torch.equal(fast(x), reference(x))
+    assert not _choice._by_rule.get()  # only while the model runs
+    with torch.no_grad():
+        fast(x)

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from fastunet.models._base import UNetBase
 from fastunet.models.reference import ReferenceUNet
 from fastunet.nn import Conv2dReLU, MaxPool2d
-from fastunet.ops._choice import choose_layout, runs_pytorch_by_rule
+from fastunet.ops._choice import choose_layout, pytorch_by_rule, runs_pytorch_by_rule
 from fastunet.ops._common import memory_format_of
 
 
@@ -28,7 +28,7 @@ class UNet(UNetBase):
     """fastunet's UNet: same arguments, parameter names and results as ReferenceUNet.
 
     Activations are channels_last inside on a GPU; on the CPU, in whichever of NCHW and
-    channels_last measured faster for the shape and pass (see `_layout_inside`). The output has
+    channels_last measured faster for the shape and pass (see `_faster_cpu_layout`). The output has
     the memory format of the input. Each layer runs the fastunet op or PyTorch's own path,
     whichever measures faster.
     `fast.load_state_dict(ref.state_dict())` is strict and exact, both ways.
@@ -47,21 +47,22 @@ class UNet(UNetBase):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         layout = memory_format_of(x)
-        inside = self._layout_inside(x)
-        return self._run(x.contiguous(memory_format=inside)).contiguous(memory_format=layout)
+        if x.is_cuda:  # the kernels' layout, and cuDNN's fastest for half types
+            out = self._run(x.contiguous(memory_format=torch.channels_last))
+        elif not torch.compiler.is_compiling() and x.numel() and runs_pytorch_by_rule(x):
+            with pytorch_by_rule():  # the layers need not ask, one by one
+                out = self._run(x.contiguous(memory_format=self._faster_cpu_layout(x)))
+        else:  # the interpreter, a forced backend, torch.compile: the input's layout
+            out = self._run(x.contiguous(memory_format=layout))
+        return out.contiguous(memory_format=layout)
 
-    def _layout_inside(self, x: Tensor) -> torch.memory_format:
-        """channels_last on a GPU: the kernels' layout, and cuDNN's fastest for half types. Where
-        every layer runs aten's by the CPU rule, the faster of NCHW and channels_last for this
-        shape and pass, as measured on its first call; elsewhere (the interpreter, a forced
-        backend, torch.compile, a torch.jit trace of a shape not measured yet) the input's."""
-        if x.is_cuda:
-            return torch.channels_last
-        if not torch.compiler.is_compiling() and x.numel() and runs_pytorch_by_rule(x):
-            weights = memory_format_of(self.encoders[0].conv2.weight)  # oneDNN follows them
-            config = {**self.config, "weights": str(weights).removeprefix("torch.")}
-            return choose_layout("unet", self._run, x, self.parameters, config)
-        return memory_format_of(x)
+    def _faster_cpu_layout(self, x: Tensor) -> torch.memory_format:
+        """Where every layer runs aten's by the CPU rule: the faster of NCHW and channels_last
+        for this shape and pass, as measured on its first call (in a torch.jit trace of a shape
+        not measured yet, the input's)."""
+        weights = memory_format_of(self.encoders[0].conv2.weight)  # oneDNN follows them
+        config = {**self.config, "weights": str(weights).removeprefix("torch.")}
+        return choose_layout("unet", self._run, x, self.parameters, config)
 
     def _run(self, x: Tensor) -> Tensor:
         skips = []

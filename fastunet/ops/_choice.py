@@ -29,6 +29,7 @@ faster, in the same cache.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import hashlib
 import json
@@ -250,6 +251,10 @@ _caches: dict[Path, ChoiceCache] = {}
 _decided: dict[tuple, Choice] = {}
 # The (key, choice) of each call while `recording()` is active, else None.
 _recording: list[tuple[str, Choice]] | None = None
+# True while a model runs whose every layer takes PyTorch's path by the CPU rule
+# (`pytorch_by_rule`): its layers skip the per-call choice, which in a forward costs about
+# 10 us a layer, as much as a small layer's own aten call.
+_by_rule = contextvars.ContextVar("fastunet_pytorch_by_rule", default=False)
 
 
 def _cache_for(device: torch.device) -> ChoiceCache:
@@ -326,6 +331,17 @@ def _rule(op: str, x: Tensor) -> Choice | None:
     return None
 
 
+@contextlib.contextmanager
+def pytorch_by_rule() -> Iterator[None]:
+    """Inside, every layer runs PyTorch's path without asking: for a model that has checked
+    `runs_pytorch_by_rule` on its input, whose layers all run on that input's device."""
+    token = _by_rule.set(True)
+    try:
+        yield
+    finally:
+        _by_rule.reset(token)
+
+
 def runs_pytorch_by_rule(x: Tensor) -> bool:
     """Whether every layer on x's device runs PyTorch's own path without measuring (the CPU
     rule): a caller may then run the layers it replaced as they were written."""
@@ -380,6 +396,8 @@ def run_layer(op: str, fastunet_fn: Callable, *args):
     """`fastunet_fn(*args)` or PyTorch's own path for `op`, as this layer's choice says."""
     if torch.compiler.is_compiling():  # traced, not run: the op goes into the graph
         return fastunet_fn(*args)
+    if _by_rule.get() and _recording is None:
+        return TORCH_PATHS[op](*args)
     choice = choose_path(op, fastunet_fn, args)
     if _recording is not None:
         _recording.append((layer_key(op, args), choice))
