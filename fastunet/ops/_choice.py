@@ -378,17 +378,25 @@ def choose_path(op: str, fastunet_fn: Callable, args: tuple) -> Choice:
     if backend.name in ("torch", "unsupported"):
         choice = Choice("torch", f"no fastunet kernel serves it: {backend.reason}")
     else:
-        choice = _cache_for(x.device).get(key)
+        choice = _saved_or_measured(key, x.device, PATHS, lambda: measure(op, fastunet_fn, args))
     if choice is None:
-        if _cannot_time(x.device):
-            return Choice("fastunet", "not measured yet, and nothing can be timed while tracing "
-                          "or capturing a CUDA graph")  # fmt: skip
-        times = measure(op, fastunet_fn, args)
-        path = "fastunet" if times["fastunet"] < times["torch"] else "torch"
-        reason = f"measured: fastunet {times['fastunet']:.4g} ms, torch {times['torch']:.4g} ms"
-        choice = Choice(path, reason, times)
-        _cache_for(x.device).put(key, choice)
+        return Choice("fastunet", "not measured yet, and nothing can be timed while tracing or "
+                      "capturing a CUDA graph")  # fmt: skip
     _decided[memo] = choice
+    return choice
+
+
+def _saved_or_measured(key: str, device: torch.device, paths, timings) -> Choice | None:
+    """The choice saved for key, else the fastest of `timings()` (name -> ms), saved now; None
+    where nothing can be timed. Ties go to the later name: PyTorch's own path for a layer."""
+    cache = _cache_for(device)
+    choice = cache.get(key, paths)
+    if choice is None and not _cannot_time(device):
+        times = timings()
+        path = min(reversed(times), key=times.get)
+        reason = "measured: " + ", ".join(f"{name} {t:.4g} ms" for name, t in times.items())
+        choice = Choice(path, reason, times)
+        cache.put(key, choice)
     return choice
 
 
@@ -434,15 +442,11 @@ def choose_layout(
         described = ["x".join(map(str, x.shape)), *(f"{k}={v}" for k, v in settings)]
         key = _text_key(f"{model}-layout", x, training, described)
     if choice is None:
-        choice = _cache_for(x.device).get(key, LAYOUTS)
-        if choice is None and _cannot_time(x.device):
-            return memory_format_of(x)
+        choice = _saved_or_measured(
+            key, x.device, LAYOUTS, lambda: _measure_layouts(run, x, list(params()), training)
+        )
         if choice is None:
-            times = _measure_layouts(run, x, list(params()), training)
-            path = min(times, key=times.get)
-            reason = "measured: " + ", ".join(f"{k} {t:.4g} ms" for k, t in times.items())
-            choice = Choice(path, reason, times)
-            _cache_for(x.device).put(key, choice)
+            return memory_format_of(x)
         _decided[memo] = choice
     if _recording is not None:
         _recording.append((key, choice))
