@@ -6,6 +6,7 @@ import copy
 
 from torch import nn
 
+from fastunet._accelerate.modules import RuleScopedForward
 from fastunet._accelerate.report import AccelerationReport
 from fastunet._accelerate.swap import swap_modules
 from fastunet._accelerate.traced import install_traced_forwards
@@ -47,6 +48,7 @@ def accelerate(model: nn.Module, *, inplace: bool = False, verbose: bool = False
     report = AccelerationReport()
     swap_modules(model, report)
     install_traced_forwards(model, report)
+    model.forward = RuleScopedForward(model, model.__dict__.get("forward"))
     setattr(model, REPORT_ATTRIBUTE, report)
     if verbose:
         print(report)

@@ -3,6 +3,8 @@
 Every replacement computes what it replaces, keeps its parameter and buffer names, and runs the
 fastunet op through the per-layer choice (`run_layer`), so a layer is never slower than PyTorch's.
 Inputs the op does not take (not 4-D, not floating point, mixed dtypes) run PyTorch's path.
+Inside the model's forward on the CPU (`RuleScopedForward`), where every layer runs PyTorch's
+path by rule, the replacements run as the layers they replace were written.
 
 Outputs have the memory format the replaced layer's would have (the input's, as nn.Conv2d and
 torch.cat give), though the ops compute channels_last: the PyTorch layers that run between
@@ -13,6 +15,8 @@ layout copies.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastunet import ops
-from fastunet.ops._choice import run_layer, runs_pytorch_by_rule
+from fastunet.ops._choice import (
+    inside_pytorch_by_rule,
+    pytorch_by_rule,
+    run_layer,
+    runs_pytorch_by_rule,
+)
 from fastunet.ops._common import memory_format_of
 
 
@@ -101,6 +110,8 @@ class FusedConv2d(nn.Conv2d):
         return fused.train(conv.training)
 
     def forward(self, x: Tensor) -> Tensor:
+        if inside_pytorch_by_rule():  # the convolution as written; its chain runs itself
+            return super().forward(x)
         chain = self.chain
         if chain is not None and chain.folds_now():
             return self.run(x, chain.batch_norm, chain.negative_slope)
@@ -142,7 +153,9 @@ class _FoldedInto:
     fastunet_chain: Chain
 
     def forward(self, x: Tensor) -> Tensor:
-        return x if self.fastunet_chain.folds_now() else super().forward(x)
+        if inside_pytorch_by_rule() or not self.fastunet_chain.folds_now():
+            return super().forward(x)
+        return x
 
 
 class FoldedBatchNorm2d(_FoldedInto, nn.BatchNorm2d):
@@ -169,6 +182,26 @@ class AcceleratedMaxPool2d(nn.MaxPool2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return max_pool2d(x) if x.dim() == 4 else super().forward(x)
+
+
+class RuleScopedForward:
+    """Stands in for the accelerated model's own forward (`forward`: the TracedForward put there,
+    or None for its class's). Where the CPU rule sends every layer to PyTorch's path, the call
+    runs inside `pytorch_by_rule()`, so the replaced layers run as written instead of each
+    asking for its path."""
+
+    def __init__(self, model: nn.Module, forward: Callable | None):
+        self.model, self.forward = model, forward
+
+    def __call__(self, *args, **kwargs):
+        forward = self.forward or functools.partial(type(self.model).forward, self.model)
+        if torch.compiler.is_compiling():  # each layer's own check goes into the graph
+            return forward(*args, **kwargs)
+        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+        if x is None or not runs_pytorch_by_rule(x):
+            return forward(*args, **kwargs)
+        with pytorch_by_rule():
+            return forward(*args, **kwargs)
 
 
 # ---------------------------------------------------------------- called by traced forwards
@@ -201,6 +234,9 @@ def conv_chain(
 ) -> Tensor:
     """activation(batch_norm(conv(x))) as a traced forward wrote it: one op while the
     BatchNorm2d folds (eval), else each step as itself."""
+    if inside_pytorch_by_rule():
+        out = conv(x)
+        return _activation(out if batch_norm is None else batch_norm(out), negative_slope)
     if batch_norm is None or batch_norm_folds(batch_norm):
         return conv.run(x, batch_norm, negative_slope)
     return _activation(batch_norm(conv(x)), negative_slope)

@@ -342,6 +342,12 @@ def pytorch_by_rule() -> Iterator[None]:
         _by_rule.reset(token)
 
 
+def inside_pytorch_by_rule() -> bool:
+    """Whether this call runs inside `pytorch_by_rule()`: a model's replaced layers may then run
+    as written. Never while torch.compile traces (which cannot read the ContextVar)."""
+    return not torch.compiler.is_compiling() and _by_rule.get()
+
+
 def runs_pytorch_by_rule(x: Tensor) -> bool:
     """Whether every layer on x's device runs PyTorch's own path without measuring (the CPU
     rule): a caller may then run the layers it replaced as they were written."""
