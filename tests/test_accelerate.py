@@ -347,6 +347,11 @@ def test_on_the_cpu_the_model_runs_as_written_bit_for_bit(case, monkeypatch):
             assert rule_checks == [x.shape]
             for name, value in ours.items():
                 assert torch.equal(value, theirs[name]), f"training={training}: {name}"
+        with torch.no_grad():  # the bench's layer count: every layer asks, or says it ran
+            fast(x), original(x)  # without autograd, traced again (and BatchNorms alike)
+            with _choice.recording() as calls:
+                assert torch.equal(fast(x), original(x))
+        assert _choice.summarize(calls) == {"fastunet": 0, "torch": sum(case.ops.values())}
     assert not _choice.inside_pytorch_by_rule()
 
 

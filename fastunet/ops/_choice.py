@@ -344,8 +344,9 @@ def pytorch_by_rule() -> Iterator[None]:
 
 def inside_pytorch_by_rule() -> bool:
     """Whether this call runs inside `pytorch_by_rule()`: a model's replaced layers may then run
-    as written. Never while torch.compile traces (which cannot read the ContextVar)."""
-    return not torch.compiler.is_compiling() and _by_rule.get()
+    as written. Never while torch.compile traces (which cannot read the ContextVar), nor while
+    `recording()`, which the layers' choices must reach."""
+    return not torch.compiler.is_compiling() and _by_rule.get() and _recording is None
 
 
 def runs_pytorch_by_rule(x: Tensor) -> bool:
@@ -410,12 +411,22 @@ def run_layer(op: str, fastunet_fn: Callable, *args):
     """`fastunet_fn(*args)` or PyTorch's own path for `op`, as this layer's choice says."""
     if torch.compiler.is_compiling():  # traced, not run: the op goes into the graph
         return fastunet_fn(*args)
-    if _by_rule.get() and _recording is None:
+    if inside_pytorch_by_rule():
         return TORCH_PATHS[op](*args)
     choice = choose_path(op, fastunet_fn, args)
+    _record(op, args, choice)
+    return (fastunet_fn if choice.path == "fastunet" else TORCH_PATHS[op])(*args)
+
+
+def _record(op: str, args: tuple, choice: Choice) -> None:
     if _recording is not None:
         _recording.append((layer_key(op, args), choice))
-    return (fastunet_fn if choice.path == "fastunet" else TORCH_PATHS[op])(*args)
+
+
+def record_rule_call(op: str, args: tuple) -> None:
+    """For a layer that ran PyTorch's path by the CPU rule without `run_layer`: `recording()`
+    counts it as it counts the others."""
+    _record(op, args, CPU_CHOICE)
 
 
 def choose_layout(
