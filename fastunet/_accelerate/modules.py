@@ -200,8 +200,8 @@ class RuleScopedForward:
         forward = self.forward or functools.partial(type(self.model).forward, self.model)
         if torch.compiler.is_compiling():  # each layer's own check goes into the graph
             return forward(*args, **kwargs)
-        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
-        if x is None or not runs_pytorch_by_rule(x):
+        x = args[0] if args else next(iter(kwargs.values()), None)  # the input, as a rule
+        if not isinstance(x, Tensor) or not runs_pytorch_by_rule(x):
             return forward(*args, **kwargs)
         with pytorch_by_rule():
             return forward(*args, **kwargs)
