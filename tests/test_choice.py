@@ -471,3 +471,34 @@ def test_under_the_cpu_rule_unets_layers_do_not_ask_one_by_one(
     assert not _choice._by_rule.get()  # only while the model runs
     with torch.no_grad():
         fast(x)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_checkpoint_recomputing_in_another_layout_gives_that_layouts_gradients(
+    cache, cpu_rule, monkeypatch, reentrant
+):
+    """A reentrant checkpoint runs the forward without autograd and recomputes it with: two
+    passes, which may measure faster in different layouts. The output is then the inference
+    layout's, the gradients the training layout's, each bit for bit."""
+
+    def by_pass(run, x, params, training):
+        return {"contiguous": 2.0, "channels_last": 1.0} if training else {
+            "contiguous": 1.0, "channels_last": 2.0}  # fmt: skip
+
+    monkeypatch.setattr(_choice, "_measure_layouts", by_pass)
+    torch.manual_seed(0)
+    reference = ReferenceUNet(3, 2, 4, 2)
+    fast = UNet.from_reference(reference)
+    x = torch.randn(2, 3, 16, 12, requires_grad=True)
+    out = torch.utils.checkpoint.checkpoint(fast, x, use_reentrant=reentrant)
+    out.sum().backward()
+    with torch.no_grad():  # the pass the checkpoint's forward ran in
+        inference = reference(x)
+    reference_cl = reference.to(memory_format=torch.channels_last)
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    training = reference_cl(x_cl)
+    training.sum().backward()
+    assert torch.equal(out, inference if reentrant else training)
+    assert torch.equal(x.grad, x_cl.grad)
+    for (name, a), b in zip(fast.named_parameters(), reference_cl.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad), name
