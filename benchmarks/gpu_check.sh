@@ -11,6 +11,11 @@
 # bench.png (the plot needs matplotlib), profile.log, profile.json. Variables: BENCH_ARGS and
 # TEST_ARGS (e.g. "-n 8" with pytest-xdist) pass arguments on, STAGE_TIMEOUT (seconds) stops a
 # stage that runs longer (exit 124) so the stages after it still run and the logs come back.
+#
+# The GPU machine cannot download, and has no pytest-xdist or MONAI. The build stage installs
+# the wheels in .gpu-wheels/ (git-ignored) first, if there are any: fetch them where a registry
+# is reachable and carry the folder along:
+#   pip download pytest-xdist execnet monai --no-deps -d .gpu-wheels
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUT [build] [tests] [sanitizer] [bench] [profile]}
 shift
@@ -34,6 +39,9 @@ run_stage() {  # name, log, command...: runs it, keeps its exit code and last li
 for stage in $stages; do
   case $stage in
     build)
+      if compgen -G ".gpu-wheels/*.whl" >/dev/null; then
+        python3 -m pip install --no-deps --no-index .gpu-wheels/*.whl >"$out/wheels.log" 2>&1
+      fi
       # The GPU's own arch only, unless FASTUNET_CUDA_ARCHS says otherwise: a quicker build.
       arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d .)
       FASTUNET_CUDA=1 FASTUNET_CUDA_ARCHS=${FASTUNET_CUDA_ARCHS:-$arch} run_stage build build.log \
