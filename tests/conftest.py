@@ -63,8 +63,12 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
-def _ieee_fp32(monkeypatch):
+def _ieee_fp32():
     """fp32 tolerances assume IEEE fp32, so TF32 (on by default for cuDNN) is off unless a test
-    turns it on (test_tf32_follows_cudnn_setting does)."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    turns it on (test_tf32_follows_cudnn_setting does). Saved and restored by hand: pytest 9.2's
+    monkeypatch deletes torch.backends.cuda.matmul.allow_tf32 on undo, which raises."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    yield
+    cudnn.allow_tf32, matmul.allow_tf32 = saved
