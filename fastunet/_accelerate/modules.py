@@ -126,8 +126,10 @@ class FusedConv2d(nn.Conv2d):
         if batch_norm is not None and runs_pytorch_by_rule(x):
             # PyTorch's path on this device anyway: conv, BatchNorm and activation as written,
             # since folding on every call costs more on the CPU than the BatchNorm pass.
-            relu = negative_slope is not None
-            record_rule_call("conv2d_relu", (x, weight, bias, self.padding[0], relu))
+            relu = negative_slope is not None  # the op call's arguments, as run_layer gets them
+            record_rule_call(
+                "conv2d_relu", (x, weight, bias, self.padding[0], relu, negative_slope or 0.0)
+            )
             out = F.conv2d(x, weight, bias, padding=self.padding)
             out = F.batch_norm(
                 out, batch_norm.running_mean, batch_norm.running_var, batch_norm.weight,
