@@ -1,5 +1,6 @@
 """The op layer: registration (opcheck), autograd formulas (gradcheck), errors, layouts."""
 
+import functools
 import sys
 
 import pytest
@@ -9,6 +10,7 @@ from helpers import backend_device, output_and_grads, torch_conv2d_relu, torch_u
 from torch.library import opcheck
 
 from fastunet import ops
+from fastunet.bench.parity import relative_error
 from fastunet.ops import _backend
 from fastunet.ops.conv2d_relu import conv2d_grad, conv2d_relu_grad_output
 from fastunet.ops.max_pool2d import max_pool2d_backward
@@ -212,6 +214,37 @@ def test_without_triton_the_triton_ops_say_why_and_run_the_composite(monkeypatch
         _backend.triton_kernels_error.cache_clear()
     assert backend.name == "torch"
     assert "triton is not importable" in backend.reason
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["conv2d_relu", "upsample_concat_conv2d_relu"])
+def test_bf16_cpu_tensors_run_the_composite_even_with_the_kernels_forced(fused, monkeypatch):
+    """Triton's interpreter (TRITON_INTERPRET=1, how the kernels run on CPU tensors) computes
+    bf16 values wrongly without an error: a conv came out 1e10 off. bf16 CPU tensors run the
+    composite, whatever FASTUNET_BACKEND says."""
+    monkeypatch.setenv("FASTUNET_BACKEND", "fastunet")
+    generator = torch.Generator().manual_seed(0)
+    x, skip = (torch.randn(s, generator=generator).bfloat16() for s in [(2, 4, 3, 4), (2, 3, 6, 8)])
+    weight = torch.randn(5, 7 if fused else 4, 3, 3, generator=generator).bfloat16()
+    bias = torch.randn(5, generator=generator).bfloat16()
+    if fused:
+        inputs = [x, skip, weight, bias]
+        ours = functools.partial(ops.upsample_concat_conv2d_relu, mode="bilinear")
+
+        def theirs(x, skip, weight, bias):
+            return torch_conv2d_relu(
+                torch_upsample_concat(x, skip, "bilinear", False), weight, bias, 1, True
+            )
+    else:
+        inputs, ours = [x, weight, bias], ops.conv2d_relu
+        theirs = functools.partial(torch_conv2d_relu, padding=1, relu=True)
+    for op in _backend.TRITON_OPS:
+        assert _backend.choose(op, "cpu", torch.bfloat16).name == "torch"
+    grad_out = torch.randn(2, 5, *(skip if fused else x).shape[-2:], generator=generator)
+    got = output_and_grads(ours, inputs, grad_out)
+    expected = output_and_grads(theirs, inputs, grad_out)
+    names = ["out", "x", "skip", "weight", "bias"] if fused else ["out", "x", "weight", "bias"]
+    for name, a, b in zip(names, got, expected, strict=True):
+        assert relative_error(a, b) < 2e-2, name
 
 
 # Four answers that differed from PyTorch's, on both backends (tests/test_fuzz.py generalises them).

@@ -92,17 +92,19 @@ def choose(op: str, device: torch.device | str, dtype: torch.dtype) -> Backend:
     if dtype not in KERNEL_DTYPES:
         return Backend("torch", f"{dtype} has no kernel (kernels serve fp32, fp16 and bf16)")
     if op in TRITON_OPS:
-        return _choose_triton(device)
+        return _choose_triton(device, dtype)
     return _choose_native(device)
 
 
-def _choose_triton(device: torch.device) -> Backend:
+def _choose_triton(device: torch.device, dtype: torch.dtype) -> Backend:
     if device.type == "cuda":
         error = triton_kernels_error()
         if error is None:
             return Backend("triton", "CUDA tensor: Triton kernel")
         return Backend("torch", f"CUDA tensor, but {error}")
     if device.type == "cpu" and TRITON_INTERPRET:
+        if dtype == torch.bfloat16:  # its arithmetic on bf16 values gives garbage, not an error
+            return Backend("torch", "TRITON_INTERPRET=1, but Triton's interpreter has no bfloat16")
         error = triton_kernels_error()
         if error is None:
             return Backend("triton-interpreter", "CPU tensor with TRITON_INTERPRET=1")
