@@ -65,6 +65,12 @@ def check_conv(op: str, name: str, x_shape, x: Tensor, weight: Tensor, bias, pad
             f"{op}: {name} has {c_in} channels (shape {tuple(x_shape)}) but weight expects "
             f"{weight_c_in} (shape {tuple(weight.shape)})"
         )
+    if c_in == 0 or h == 0 or w == 0:
+        # PyTorch's conv2d errs on an empty image, and for no channels returns an empty
+        # (N, 0, H_out, W_out) tensor, not C_out channels of bias.
+        raise ValueError(
+            f"{op}: {name} has no channels or an empty spatial size, shape {tuple(x_shape)}"
+        )
     if padding < 0:
         raise ValueError(f"{op}: padding must be >= 0, got {padding}")
     h_out, w_out = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
