@@ -95,6 +95,26 @@ def test_max_pool2d_gradcheck():
     torch.autograd.gradcheck(ops.max_pool2d, (x,))
 
 
+@pytest.mark.parametrize(
+    "op,shapes",
+    [
+        (ops.conv2d_relu, [(1, 2, 4, 4), (3, 2, 3, 3), (3,)]),
+        (ops.upsample_concat, [(1, 2, 3, 3), (1, 1, 6, 6)]),
+        (ops.max_pool2d, [(1, 2, 4, 4)]),
+        (ops.upsample_concat_conv2d_relu, [(1, 2, 3, 3), (1, 1, 6, 6), (3, 3, 3, 3)]),
+    ],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
+def test_a_second_derivative_is_refused_not_silently_wrong(backend, op, shapes):
+    """The backward ops have no autograd of their own: differentiating a gradient (a gradient
+    penalty, create_graph=True) must raise, not treat the backward as a constant."""
+    device = backend_device(backend)
+    inputs = [torch.randn(s, device=device, requires_grad=True) for s in shapes]
+    grads = torch.autograd.grad(op(*inputs).square().sum(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula was registered"):
+        torch.autograd.grad(sum(g.square().sum() for g in grads), inputs)
+
+
 def test_ops_equal_their_composites():
     x, w, b = torch.randn(2, 3, 9, 8), torch.randn(6, 3, 3, 3), torch.randn(6)
     torch.testing.assert_close(ops.conv2d_relu(x, w, b), F.relu(F.conv2d(x, w, b, padding=1)))
