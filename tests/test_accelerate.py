@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from helpers import KERNEL_DEVICE
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 import fastunet
 from fastunet._accelerate import modules
@@ -194,6 +195,22 @@ def test_inplace_keeps_the_parameters(torch_backend):
     before = parameters[0].detach().clone()
     optimizer.step()
     assert not torch.equal(parameters[0], before)
+
+
+def test_on_meta_tensors_it_counts_the_originals_flops():
+    """As fastunet.bench.accelerated.flops does for the model as written: no data to time, so
+    each layer runs PyTorch's path, which FlopCounterMode counts."""
+    original = MilesialStyleUNet(3, 2, 4, 2).to("meta")
+    flops = []
+    for model in (original, fastunet.accelerate(original)):
+        x = torch.empty(2, 3, 16, 16, device="meta", requires_grad=True)
+        for _ in range(2):  # the first call traces the decoders; the second runs the trace
+            with FlopCounterMode(display=False) as counter:
+                out = model(x)
+                out.sum().backward()
+            assert out.shape == (2, 2, 16, 16) and out.device.type == "meta"
+            flops.append(counter.get_total_flops())
+    assert flops[0] == flops[1] == flops[2] == flops[3] > 0
 
 
 def test_autocast(torch_backend):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from fastunet import ReferenceUNet, UNet
 from fastunet.bench.parity import relative_error
@@ -140,6 +141,22 @@ def test_nan_and_inf_propagate_as_in_the_reference(torch_backend, value):
     assert torch.equal(torch.isinf(out), torch.isinf(expected))
     finite = torch.isfinite(expected)
     assert torch.allclose(out[finite], expected[finite], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("upsample", ["nearest", "bilinear"])
+def test_on_meta_tensors_it_counts_the_references_flops(upsample):
+    """Meta tensors (shapes, no data: FLOP counting, deferred init) have nothing to time: each
+    layer runs PyTorch's path, whose aten calls FlopCounterMode counts."""
+    reference, fast = make_pair(upsample=upsample)
+    flops = []
+    for model in (reference.to("meta"), fast.to("meta")):
+        x = torch.empty(2, 3, 16, 16, device="meta", requires_grad=True)
+        with FlopCounterMode(display=False) as counter:
+            out = model(x)
+            out.sum().backward()
+        assert out.shape == (2, 2, 16, 16) and out.device.type == "meta"
+        flops.append(counter.get_total_flops())
+    assert flops[0] == flops[1] > 0
 
 
 def test_autocast_bf16_on_cpu(torch_backend):

@@ -17,6 +17,7 @@ Choices made without measuring (`_rule`):
 - on the CPU, PyTorch's own path: fastunet's CPU path is those aten calls plus the op layer's
   overhead, and the `_C` max-pool twin is slower than aten's (it stays the oracle that the CUDA
   kernel's logic is tested against);
+- on meta tensors (shapes without data, as FLOP counting uses), PyTorch's own path;
 - inside torch.compile, a torch.jit trace or a CUDA graph capture nothing can be timed: a cached
   choice, else the fastunet op (under torch.compile, always the fastunet op).
 
@@ -131,6 +132,11 @@ CPU_CHOICE = Choice(
     "overhead; the _C max-pool twin is slower than aten's)",
 )
 INTERPRETER_CHOICE = Choice("fastunet", "TRITON_INTERPRET=1: the kernels run, to be tested")
+META_CHOICE = Choice(
+    "torch",
+    "meta tensor: no data to time; PyTorch's path, whose calls FlopCounterMode and other "
+    "tracers of aten know",
+)
 
 
 # ---------------------------------------------------------------- the cache on disk
@@ -328,6 +334,8 @@ def _rule(op: str, x: Tensor) -> Choice | None:
         return Choice("fastunet", f"forced by FASTUNET_BACKEND={forced}")
     if x.device.type == "cpu":
         return INTERPRETER_CHOICE if INTERPRET else CPU_CHOICE
+    if x.device.type == "meta":
+        return META_CHOICE
     return None
 
 
