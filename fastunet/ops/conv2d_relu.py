@@ -65,6 +65,8 @@ def check_conv(op: str, name: str, x_shape, x: Tensor, weight: Tensor, bias, pad
             f"{op}: {name} has {c_in} channels (shape {tuple(x_shape)}) but weight expects "
             f"{weight_c_in} (shape {tuple(weight.shape)})"
         )
+    if c_out == 0:  # as PyTorch's conv2d
+        raise ValueError(f"{op}: weight has no output channels, shape {tuple(weight.shape)}")
     if c_in == 0 or h == 0 or w == 0:
         # PyTorch's conv2d errs on an empty image, and for no channels returns an empty
         # (N, 0, H_out, W_out) tensor, not C_out channels of bias.

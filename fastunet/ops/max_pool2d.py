@@ -26,6 +26,8 @@ def _check(x: Tensor) -> tuple[int, ...]:
     """Validate x; return the output shape."""
     check_activation(OP, "x", x)
     n, c, h, w = x.shape
+    if c == 0:  # as PyTorch's max_pool2d, which takes a batch of none but not no channels
+        raise ValueError(f"{OP}: x has no channels, shape {tuple(x.shape)}")
     if h < 2 or w < 2:
         raise ValueError(f"{OP}: H and W must be >= 2 for a 2x2 window, got shape {tuple(x.shape)}")
     return n, c, h // 2, w // 2

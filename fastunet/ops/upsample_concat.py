@@ -29,25 +29,26 @@ OP = "upsample_concat"
 MODES = ("nearest", "bilinear")
 
 
-def _check(x: Tensor, skip: Tensor, mode: str) -> tuple[int, ...]:
-    """Validate the arguments; return the output shape."""
-    check_activation(OP, "x", x)
-    check_activation(OP, "skip", skip)
+def _check(x: Tensor, skip: Tensor, mode: str, op: str = OP) -> tuple[int, ...]:
+    """Validate the arguments; return the output shape. `op` names the op in the errors."""
+    check_activation(op, "x", x)
+    check_activation(op, "skip", skip)
     if mode not in MODES:
-        raise ValueError(f"{OP}: mode must be one of {MODES}, got {mode!r}")
-    check_same_device_and_dtype(OP, x=x, skip=skip)
+        raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
+    check_same_device_and_dtype(op, x=x, skip=skip)
     if x.shape[0] != skip.shape[0]:
         raise ValueError(
-            f"{OP}: x has batch {x.shape[0]} (shape {tuple(x.shape)}) but skip has batch "
+            f"{op}: x has batch {x.shape[0]} (shape {tuple(x.shape)}) but skip has batch "
             f"{skip.shape[0]} (shape {tuple(skip.shape)})"
         )
-    # F.interpolate needs a non-empty x and output size; every backend says so the same way.
-    if x.shape[0] > 0 and 0 in x.shape[1:]:
+    # F.interpolate needs a non-empty x and output size, in a batch of any size (0 too); every
+    # backend says so the same way.
+    if 0 in x.shape[1:]:
         raise ValueError(
-            f"{OP}: x has no channels or an empty spatial size, shape {tuple(x.shape)}"
+            f"{op}: x has no channels or an empty spatial size, shape {tuple(x.shape)}"
         )
-    if skip.shape[0] > 0 and 0 in skip.shape[2:]:
-        raise ValueError(f"{OP}: skip has an empty spatial size, shape {tuple(skip.shape)}")
+    if 0 in skip.shape[2:]:
+        raise ValueError(f"{op}: skip has an empty spatial size, shape {tuple(skip.shape)}")
     n, c_skip, h, w = skip.shape
     return n, c_skip + x.shape[1], h, w
 

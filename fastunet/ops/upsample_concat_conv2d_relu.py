@@ -35,7 +35,7 @@ OP = "upsample_concat_conv2d_relu"
 
 def _check(x, skip, weight, bias, padding, mode) -> tuple[int, ...]:
     """Validate the arguments; return the output shape."""
-    concat_shape = check_upsample_concat(x, skip, mode)
+    concat_shape = check_upsample_concat(x, skip, mode, OP)
     return check_conv(OP, "cat([skip, upsample(x)])", concat_shape, skip, weight, bias, padding)
 
 
