@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import backend_device, output_and_grads, torch_conv2d_relu, torch_upsample_concat
+from torch.autograd import forward_ad
 from torch.library import opcheck
 
 from fastunet import ops
@@ -113,6 +114,32 @@ def test_a_second_derivative_is_refused_not_silently_wrong(backend, op, shapes):
     grads = torch.autograd.grad(op(*inputs).square().sum(), inputs, create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula was registered"):
         torch.autograd.grad(sum(g.square().sum() for g in grads), inputs)
+
+
+@pytest.mark.parametrize("how", ["torch.func.jvp", "forward_ad"])
+@pytest.mark.parametrize(
+    "op,shapes",
+    [
+        (ops.conv2d_relu, [(1, 2, 4, 4), (3, 2, 3, 3), (3,)]),
+        (ops.upsample_concat, [(1, 2, 3, 3), (1, 1, 6, 6)]),
+        (ops.max_pool2d, [(1, 2, 4, 4)]),
+        (ops.upsample_concat_conv2d_relu, [(1, 2, 3, 3), (1, 1, 6, 6), (3, 3, 3, 3)]),
+    ],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
+def test_forward_mode_ad_is_refused_not_silently_zero(backend, op, shapes, how):
+    """A custom op drops forward-mode tangents without an error (torch 2.13): the JVP came out
+    zero. The ops refuse instead, and run as before once the dual level is left."""
+    device = backend_device(backend)
+    inputs = [torch.randn(s, device=device) for s in shapes]
+    tangents = [torch.ones_like(t) for t in inputs]
+    with pytest.raises(RuntimeError, match="no forward-mode AD"):
+        if how == "torch.func.jvp":
+            torch.func.jvp(op, tuple(inputs), tuple(tangents))
+        else:
+            with forward_ad.dual_level():
+                op(*(forward_ad.make_dual(t, d) for t, d in zip(inputs, tangents, strict=True)))
+    assert op(*inputs).shape[0] == 1
 
 
 def test_ops_equal_their_composites():

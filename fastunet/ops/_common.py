@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Callable
 
 import torch
+from torch.autograd import forward_ad
 
 CHANNELS_LAST = torch.channels_last
 
@@ -17,6 +18,18 @@ def check_activation(op: str, name: str, t: torch.Tensor) -> None:
     if t.dim() != 4:
         raise ValueError(f"{op}: {name} must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
     check_floating(op, name, t)
+
+
+def refuse_forward_ad(op: str) -> None:
+    """Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not supported: a custom op
+    with register_autograd drops the tangents without an error (torch 2.13), which would give
+    zero where the derivative is not. Its dual level is what can be seen from inside the op."""
+    if forward_ad._current_level >= 0:
+        raise RuntimeError(
+            f"{op}: fastunet's ops have no forward-mode AD (torch.func.jvp, jacfwd, "
+            "torch.autograd.forward_ad); PyTorch would silently drop the tangent. Use "
+            "reverse mode, or model.to_reference() (the original model, for accelerate)"
+        )
 
 
 def check_floating(op: str, name: str, t: torch.Tensor) -> None:

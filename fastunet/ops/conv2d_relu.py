@@ -24,6 +24,7 @@ from fastunet.ops._common import (
     check_same_device_and_dtype,
     empty_channels_last,
     kernel_device,
+    refuse_forward_ad,
 )
 
 OP = "conv2d_relu"
@@ -34,6 +35,7 @@ def _check(
     x: Tensor, weight: Tensor, bias: Tensor | None, padding: int, relu: bool, negative_slope: float
 ) -> tuple[int, ...]:
     """Validate the arguments; return the output shape."""
+    refuse_forward_ad(OP)
     check_activation(OP, "x", x)
     if not negative_slope >= 0 or math.isinf(negative_slope):
         raise ValueError(

@@ -17,13 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastunet.ops._backend import choose, native_extension
-from fastunet.ops._common import check_activation, memory_format_of
+from fastunet.ops._common import check_activation, memory_format_of, refuse_forward_ad
 
 OP = "max_pool2d"
 
 
 def _check(x: Tensor) -> tuple[int, ...]:
     """Validate x; return the output shape."""
+    refuse_forward_ad(OP)
     check_activation(OP, "x", x)
     n, c, h, w = x.shape
     if c == 0:  # as PyTorch's max_pool2d, which takes a batch of none but not no channels

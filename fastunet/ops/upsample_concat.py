@@ -23,6 +23,7 @@ from fastunet.ops._common import (
     check_same_device_and_dtype,
     empty_channels_last,
     kernel_device,
+    refuse_forward_ad,
 )
 
 OP = "upsample_concat"
@@ -31,6 +32,7 @@ MODES = ("nearest", "bilinear")
 
 def _check(x: Tensor, skip: Tensor, mode: str, op: str = OP) -> tuple[int, ...]:
     """Validate the arguments; return the output shape. `op` names the op in the errors."""
+    refuse_forward_ad(op)
     check_activation(op, "x", x)
     check_activation(op, "skip", skip)
     if mode not in MODES:
