@@ -251,6 +251,8 @@ def _conv2d_kernel(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    if LEAKY:  # the slope scales the rounded output, as PyTorch's conv2d + leaky_relu does
+        acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # (an fp16 overflow is -inf)
     if RELU:  # NaN stays NaN, as in torch.relu and leaky_relu; ReLU gives +0.0, not -0.0
         acc = tl.where(acc < 0, acc * NEGATIVE_SLOPE if LEAKY else 0.0, acc)
     out_pointers = out_ptr + offs_m.to(tl.int64)[:, None] * C_OUT + offs_n[None, :]

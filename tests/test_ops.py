@@ -331,6 +331,21 @@ def test_relu_backward_passes_the_gradient_where_the_output_is_nan(backend):
     torch.testing.assert_close(ours, expected, equal_nan=True)  # [out, grad_x, grad_w, grad_b]
 
 
+def test_leaky_relu_scales_the_fp16_output_after_it_overflows(backend):
+    """PyTorch rounds the convolution to fp16 and then applies the slope: an overflow is -inf
+    whatever the slope (the slope applied in fp32 first gave a finite -1200). Found by an
+    adversarial run, with its values."""
+    device = backend_device(backend)
+    x = torch.full((1, 1, 3, 3), -300.0, dtype=torch.float16, device=device)
+    x[0, 0, 1, 1] = 1.0
+    weight = torch.full((2, 1, 3, 3), 100.0, dtype=torch.float16, device=device)
+    weight[1] = 0.001  # finite outputs beside the overflows
+    ours = ops.conv2d_relu(x, weight, None, 1, True, 0.01)
+    expected = F.leaky_relu(F.conv2d(x.float(), weight.float(), padding=1).half(), 0.01)
+    assert torch.isneginf(expected[0, 0]).all() and torch.isfinite(expected[0, 1]).all()
+    torch.testing.assert_close(ours, expected, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("size", [(4, 6), (8, 3)], ids=["same-height", "same-width"])
 @pytest.mark.parametrize("align_corners", [False, True])
 def test_bilinear_reads_one_element_on_an_axis_that_keeps_its_size(backend, size, align_corners):

@@ -123,10 +123,12 @@ def conv2d_relu(
     if kernels := _triton_kernels(x):
         with kernel_device(x):
             return kernels.forward(x, weight, bias, padding, relu, negative_slope=negative_slope)
-    out = F.conv2d(_upcast(x), _upcast(weight), _upcast(bias), padding=padding)
+    # Rounded to x's dtype before the activation, as PyTorch's conv2d then leaky_relu: an fp16
+    # convolution that overflows is -inf, whatever the slope.
+    out = F.conv2d(_upcast(x), _upcast(weight), _upcast(bias), padding=padding).to(x.dtype)
     if relu:
         out = F.leaky_relu(out, negative_slope) if negative_slope else torch.relu(out)
-    return out.to(x.dtype).contiguous(memory_format=CHANNELS_LAST)
+    return out.contiguous(memory_format=CHANNELS_LAST)
 
 
 @conv2d_relu.register_fake
