@@ -142,6 +142,27 @@ def test_forward_mode_ad_is_refused_not_silently_zero(backend, op, shapes, how):
     assert op(*inputs).shape[0] == 1
 
 
+def test_torch_func_vmap_equals_a_loop_and_grad_is_refused(backend):
+    """vmap batches the ops (over x and a per-example weight, say); torch.func.grad raises
+    PyTorch's error for a custom op's autograd, not a wrong gradient."""
+    device = backend_device(backend)
+    x, weights = (
+        torch.randn(3, 1, 2, 5, 4, device=device),
+        torch.randn(3, 4, 2, 3, 3, device=device),
+    )
+    skips = torch.randn(3, 1, 1, 9, 7, device=device)
+    cases = [
+        (lambda a, w, s: ops.conv2d_relu(a, w), torch.allclose),
+        (lambda a, w, s: ops.upsample_concat(a, s, "bilinear"), torch.allclose),
+        (lambda a, w, s: ops.max_pool2d(a), torch.equal),
+    ]
+    for op, same in cases:
+        looped = torch.stack([op(*args) for args in zip(x, weights, skips, strict=True)])
+        assert same(torch.func.vmap(op)(x, weights, skips), looped)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda a: ops.conv2d_relu(a, weights[0]).sum())(x[0])
+
+
 def test_ops_equal_their_composites():
     x, w, b = torch.randn(2, 3, 9, 8), torch.randn(6, 3, 3, 3), torch.randn(6)
     torch.testing.assert_close(ops.conv2d_relu(x, w, b), F.relu(F.conv2d(x, w, b, padding=1)))
