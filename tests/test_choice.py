@@ -448,14 +448,22 @@ def test_a_jit_trace_of_a_layer_measures_nothing(cache, measured, monkeypatch):
         torch.testing.assert_close(traced(x), ops.conv2d_relu(x, layer.weight, layer.bias, 1))
 
 
-def test_a_jit_trace_of_unet_on_the_cpu_keeps_the_inputs_layout(cache, cpu_rule, monkeypatch):
-    monkeypatch.setattr(_choice, "_measure_layouts", None)  # measuring would fail
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_a_jit_trace_of_unet_on_the_cpu_keeps_the_inputs_layout_and_passes_its_check(
+    cache, cpu_rule, layout_times, grad
+):
+    """A trace measures nothing: it records the reference's calls in the input's layout. Its
+    check re-traces without grad, so the PyTorch path must not take its no-grad shortcut (the 2x
+    nearest upsample written into the concat) in a trace: the graphs differed."""
     reference = ReferenceUNet(3, 2, 4, 2)
     fast = UNet.from_reference(reference)
     x = torch.randn(1, 3, 16, 12)
-    with torch.no_grad():
+    faster_layout(layout_times, "channels_last")
+    with torch.set_grad_enabled(grad):
         traced = torch.jit.trace(fast, x, check_trace=False)
-        assert torch.equal(traced(x), reference(x))  # the reference's calls, in NCHW
+        assert layout_times.calls == 0
+        assert torch.equal(traced(x), reference(x))
+        torch.jit.trace(fast, x)  # the check raises TracingCheckError where the graphs differ
 
 
 def test_under_the_cpu_rule_unets_layers_do_not_ask_one_by_one(

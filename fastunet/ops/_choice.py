@@ -75,7 +75,9 @@ def _torch_conv2d_relu(x, weight, bias=None, padding=1, relu=True, negative_slop
 
 
 def _torch_upsample_concat(x, skip, mode="nearest", align_corners=False, skip_first=True):
-    if mode == "nearest" and _is_exact_double(x, skip) and not _is_training((x, skip)):
+    # Not in a torch.jit trace: its check re-traces without grad, and the graphs must agree.
+    direct = not _is_training((x, skip)) and not torch.jit.is_tracing()
+    if mode == "nearest" and direct and _is_exact_double(x, skip):
         return _nearest_double_concat(x, skip, skip_first)
     aligned = align_corners if mode == "bilinear" else None
     up = F.interpolate(x, size=skip.shape[-2:], mode=mode, align_corners=aligned)
