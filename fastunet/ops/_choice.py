@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -180,6 +181,8 @@ class ChoiceCache:
         self.path = path
         self._entries: dict[str, dict] | None = None
         self._save_failed = False
+        # Threads of one process share this cache and its temporary file: one writes at a time.
+        self._lock = threading.Lock()
 
     @property
     def entries(self) -> dict[str, dict]:
@@ -219,17 +222,20 @@ class ChoiceCache:
         return Choice(**entry) if entry is not None and entry["path"] in paths else None
 
     def put(self, key: str, choice: Choice) -> None:
-        self.entries[key] = asdict(choice)
-        merged = {**self._read(warn=False), **self.entries}
-        temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            temporary.write_text(json.dumps({"stamp": stamp(), "choices": merged}, indent=1))
-            os.replace(temporary, self.path)  # atomic: a reader never sees half a file
-        except OSError as error:
-            if not self._save_failed:
-                _warn(f"cannot save the choice cache {self.path} ({error}); keeping it in memory")
-            self._save_failed = True
+        with self._lock:
+            self.entries[key] = asdict(choice)
+            merged = {**self._read(warn=False), **self.entries}
+            temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                temporary.write_text(json.dumps({"stamp": stamp(), "choices": merged}, indent=1))
+                os.replace(temporary, self.path)  # atomic: a reader never sees half a file
+            except OSError as error:
+                if not self._save_failed:
+                    _warn(
+                        f"cannot save the choice cache {self.path} ({error}); keeping it in memory"
+                    )
+                self._save_failed = True
 
 
 def _stamp_changes(old) -> str:
