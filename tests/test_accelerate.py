@@ -335,6 +335,48 @@ def test_training_batch_norm_in_an_eval_model_is_not_folded(torch_backend):
         compare(original, fast, torch.randn(2, 3, 16, 16))
 
 
+@pytest.mark.parametrize("scope", ["module", "global"])
+def test_a_hook_registered_later_sees_each_layers_own_output(scope, torch_backend):
+    """A hook on a layer that an op took over (the Sequential's conv, BatchNorm and ReLU; the
+    decoder's nn.Upsample, after its first call traced it) sees what it sees in the original:
+    those layers run as themselves while it is there, and fuse again once it is removed. It saw
+    the fused output, or was never called."""
+    torch.manual_seed(0)
+    original = MilesialStyleUNet(3, 2, 4, 2).eval()
+    fast = fastunet.accelerate(original)
+    x = torch.randn(2, 3, 16, 16)
+    fast(x)  # traces the decoders
+    layers = ["stem.0", "stem.1", "stem.2", "ups.0.up"]
+    seen = {}
+
+    def watch(model_name, model):
+        """Hooks that keep each layer's first output under (model_name, the layer's path)."""
+        paths = {module: path for path, module in model.named_modules()}
+
+        def hook(module, inputs, output):
+            seen.setdefault((model_name, paths.get(module)), output)
+
+        if scope == "global":  # for every module, while this model runs
+            return [nn.modules.module.register_module_forward_hook(hook)]
+        return [model.get_submodule(layer).register_forward_hook(hook) for layer in layers]
+
+    handles = []
+    for name, model in (("original", original), ("fast", fast)):
+        handles += watch(name, model)
+        out = model(x)
+        if scope == "global":
+            handles.pop().remove()
+    assert relative_error(out, original(x)) < 1e-5
+    for layer in layers:
+        assert relative_error(seen["fast", layer], seen["original", layer]) < 1e-5, layer
+    for handle in handles:
+        handle.remove()
+    counter = OpCounter()
+    with counter:
+        fast(x)
+    assert counter.counts[UPCAT] == 2 and counter.counts["aten::batch_norm"] == 0
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[6]], ids=lambda case: case.name)
 def test_on_the_cpu_the_model_runs_as_written_bit_for_bit(case, monkeypatch):
     """Under the CPU rule every layer runs PyTorch's path, so the accelerated model makes the

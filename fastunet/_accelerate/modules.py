@@ -34,6 +34,42 @@ from fastunet.ops._choice import (
 from fastunet.ops._common import memory_format_of
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """A hook would see other tensors once the module is fused, so hooked modules are left."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
+
+
+# The hooks registered for every module (nn.modules.module.register_module_forward_hook, ...):
+# dicts that registering adds to in place.
+_GLOBAL_HOOKS = tuple(
+    getattr(nn.modules.module, name, {})
+    for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                 "_global_backward_hooks", "_global_backward_pre_hooks")
+)  # fmt: skip
+
+
+def observed(module: nn.Module) -> bool:
+    """Whether a hook, the module's own or one for every module (registered at any time), would
+    see its input or output: a fused op does not make them, so the layer then runs as itself.
+    The hooks with which a traced forward records its layers' shapes do not count."""
+    if (
+        module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or any(_GLOBAL_HOOKS)
+    ):
+        return True
+    hooks = module._forward_hooks
+    return bool(hooks) and any(
+        not getattr(hook, "fastunet_records_shapes", False) for hook in hooks.values()
+    )
+
+
 def batch_norm_folds(batch_norm: nn.BatchNorm2d) -> bool:
     """True when the BatchNorm2d is a fixed affine map now: eval mode with running statistics."""
     return not batch_norm.training and batch_norm.running_mean is not None
@@ -66,16 +102,20 @@ def _activation(x: Tensor, negative_slope: float | None) -> Tensor:
 class Chain:
     """What follows a convolution in a Sequential and is folded into its op: at most one
     BatchNorm2d, no-ops (Identity, Dropout) and an activation (`negative_slope`: None for none,
-    0.0 for ReLU)."""
+    0.0 for ReLU). `layers`: the FusedConv2d and every layer after it that the chain covers."""
 
     batch_norm: nn.BatchNorm2d | None
     noops: tuple[nn.Module, ...]
     negative_slope: float | None
+    layers: tuple[nn.Module, ...] = ()
 
     def folds_now(self) -> bool:
-        """Whether the followers are a fixed function now; while they are not (BN in training,
-        dropout active), the convolution runs alone and they run themselves."""
+        """Whether the followers are a fixed function now, and nothing watches a layer's own
+        output; else (BN in training, dropout active, a hook registered after `accelerate`)
+        the convolution runs alone and they run themselves."""
         if self.batch_norm is not None and not batch_norm_folds(self.batch_norm):
+            return False
+        if any(observed(layer) for layer in self.layers):
             return False
         return all(
             not (isinstance(m, nn.Dropout | nn.Dropout2d) and m.training and m.p > 0)

@@ -20,21 +20,12 @@ from fastunet._accelerate.modules import (
     AcceleratedMaxPool2d,
     Chain,
     FusedConv2d,
+    has_hooks,
 )
 from fastunet._accelerate.report import LEFT, AccelerationReport
 
 CONV_OP, POOL_OP = "fastunet::conv2d_relu", "fastunet::max_pool2d"
 NOOPS = (nn.Identity, nn.Dropout, nn.Dropout2d)
-
-
-def has_hooks(module: nn.Module) -> bool:
-    """A hook would see other tensors once the module is fused, so hooked modules are left."""
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-    )
 
 
 def is_plain_sequential(module: nn.Module) -> bool:
@@ -194,8 +185,10 @@ def _fuse_run(slots: list[Slot], uses: Counter, notes: dict, report: Acceleratio
             notes[id(conv)] = _stop_note(stopped_at)
             i += 1
             continue
-        setattr(slot.parent, slot.name, FusedConv2d.from_conv(conv, padding, chain))
-        for follower in (slots[j].module for j in range(i + 1, last + 1)):
+        chain.layers = (FusedConv2d.from_conv(conv, padding, chain),
+                        *(slots[j].module for j in range(i + 1, last + 1)))  # fmt: skip
+        setattr(slot.parent, slot.name, chain.layers[0])
+        for follower in chain.layers[1:]:
             if type(follower) in FOLDED:  # the BatchNorm2d and the activation
                 follower.__class__ = FOLDED[type(follower)]
                 follower.fastunet_chain = chain

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import inspect
 import types
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,9 +36,16 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastunet._accelerate.modules import FusedConv2d, conv_chain, max_pool2d, upsample_concat
+from fastunet._accelerate.modules import (
+    FusedConv2d,
+    conv_chain,
+    has_hooks,
+    max_pool2d,
+    observed,
+    upsample_concat,
+)
 from fastunet._accelerate.report import LEFT, AccelerationReport
-from fastunet._accelerate.swap import CONV_OP, POOL_OP, has_hooks, is_plain_sequential
+from fastunet._accelerate.swap import CONV_OP, POOL_OP, is_plain_sequential
 
 UPSAMPLE_OP = "fastunet::upsample_concat"
 # A forward is traced only if its code names one of these (by attribute or global name).
@@ -590,7 +598,7 @@ class TracedForward:
         self, module: nn.Module, path: str, signature: Signature, report: AccelerationReport
     ):
         self.module, self.path, self.signature, self.report = module, path, signature, report
-        self.traced: dict[tuple, Callable | None] = {}
+        self.traced: dict[tuple, tuple[Callable | None, tuple[nn.Module, ...]]] = {}
 
     def __getstate__(self) -> dict:
         # Generated functions do not pickle (torch.save of the whole model): traced again after.
@@ -603,8 +611,10 @@ class TracedForward:
         if key is None:
             return type(module).forward(module, *args, **kwargs)
         if key in self.traced:
-            generated = self.traced[key]
-            return (generated or type(module).forward)(module, *values)
+            generated, fused_layers = self.traced[key]
+            if generated is None or any(observed(layer) for layer in fused_layers):
+                return type(module).forward(module, *values)  # a hook sees each layer's output
+            return generated(module, *values)
         if torch.compiler.is_compiling() or len(self.traced) >= MAX_SIGNATURES:
             return type(module).forward(module, *values)
         return self._run_and_trace(key, values)
@@ -617,6 +627,7 @@ class TracedForward:
         def record(layer, _inputs, output):
             records.append((layer, _to_meta(output), _device(output)))
 
+        record.fastunet_records_shapes = True  # not a user's: the layers fuse as they will later
         handles = [layer.register_forward_hook(record) for layer in trace_leaves(module)]
         try:
             output = type(module).forward(module, *values)
@@ -626,7 +637,7 @@ class TracedForward:
         self.traced[key] = self._trace(values, records)
         return output
 
-    def _trace(self, values: tuple, records: list) -> Callable | None:
+    def _trace(self, values: tuple, records: list) -> tuple[Callable | None, tuple]:
         module = self.module
         concrete = {
             name: value
@@ -642,13 +653,18 @@ class TracedForward:
             message = str(error).strip().splitlines()[0] if str(error).strip() else ""
             why = f"not traceable with these inputs, runs as written ({type(error).__name__}"
             self.report.add(self.path, "forward", LEFT, why + (f": {message})" if message else ")"))
-            return None
+            return None, ()
+        called = Counter(node.target for node in graph.nodes if node.op == "call_module")
         rows = rewrite(graph, module)
         for row in rows:
             self.report.add(self.path, *row)
         if all(runs_on == LEFT for _, runs_on, _ in rows):
-            return None
-        return _generate(graph, self.path)
+            return None, ()
+        # The layers whose calls the ops took over: a hook on one, registered later, must see
+        # the layer's own output, so the forward then runs as written.
+        called.subtract(node.target for node in graph.nodes if node.op == "call_module")
+        fused_layers = tuple(module.get_submodule(path) for path, n in called.items() if n > 0)
+        return _generate(graph, self.path), fused_layers
 
 
 def install_traced_forwards(model: nn.Module, report: AccelerationReport) -> None:
