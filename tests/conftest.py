@@ -15,6 +15,9 @@ if not torch.cuda.is_available():
 # backward (PyTorch issue #144344): a cache written by older sources would run their backward,
 # even call an op that no longer exists. Each test session compiles into a cache of its own.
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastunet-inductor-")
+# Nor do the tests read or write the user's per-layer choices (~/.cache/fastunet): a choice saved
+# there would pick a test's path for it.
+os.environ["FASTUNET_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastunet-choices-")
 
 import pytest
 from helpers import KERNEL_DEVICE, assert_kernel_backend, interpreter_problem
