@@ -5,6 +5,8 @@ import torch.nn.functional as F
 from packaging.version import Version
 
 from fastunet.bench.parity import relative_error
+from fastunet.kernels import INTERPRET
+from fastunet.kernels import conv2d_relu as conv2d_relu_kernels
 from fastunet.ops._backend import choose
 
 # The device whose tensors the Triton kernels serve in this session: the GPU if there is one,
@@ -52,6 +54,47 @@ def assert_parity(ours, torch_same_dtype, truth, name="", floor=1e-6):
     assert error <= 2 * torch_error + floor, (
         f"{name}: error {error:.3e} > 2 x PyTorch's {torch_error:.3e} + {floor:g}"
     )
+
+
+# Every tile the conv kernels' autotuners can pick, to be forced one at a time: the other tests
+# see one tile per shape (the interpreter's, or on a GPU autotune's pick for that shape), so a
+# slip that only one tile makes (a mask at its edge, the skip/x boundary inside a channel block,
+# grad_weight's reduction split) shows only where autotune happens to pick that tile.
+AUTOTUNED_CONFIGS = {
+    "_conv2d_kernel": conv2d_relu_kernels.GEMM_CONFIGS,
+    "_conv2d_grad_weight_kernel": conv2d_relu_kernels.GRAD_WEIGHT_CONFIGS,
+}
+AUTOTUNED = [(name, c) for name, configs in AUTOTUNED_CONFIGS.items() for c in configs]
+AUTOTUNED_IDS = [
+    "{}-{BLOCK_M}x{BLOCK_N}x{BLOCK_K}-w{}-s{}".format(
+        "grad_weight" if "grad_weight" in name else "conv", c.num_warps, c.num_stages, **c.kwargs
+    )
+    for name, c in AUTOTUNED
+]
+
+
+def force_tile(monkeypatch, kernel_name: str, config) -> None:
+    """Make the kernel run `config`. On a GPU, as its autotuner's only config (which runs
+    untimed), and the other conv kernel runs its last config: each further config autotune
+    tried would be one more compile (about a second) per dtype and variant. The interpreter has
+    no autotuner: there `config`'s tile is the tile of both conv kernels."""
+    if INTERPRET:
+        tile = {name: config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+        monkeypatch.setattr(conv2d_relu_kernels, "INTERPRETER_TILES", tile)
+        return
+    for name, configs in AUTOTUNED_CONFIGS.items():
+        only = config if name == kernel_name else configs[-1]
+        monkeypatch.setattr(getattr(conv2d_relu_kernels, name), "configs", [only])
+
+
+def tile_dtypes(config) -> list[torch.dtype]:
+    """The kernel dtypes autotune may run config in: those whose pipeline fits shared memory
+    (a GPU's limit; the tile's channel sizes are no limit here). In the interpreter, where a
+    tile's logic does not depend on the dtype and every example takes seconds, only the first."""
+    dtypes = [d for d in KERNEL_DTYPES
+              if conv2d_relu_kernels._fits(config, 1 << 16, 1 << 16, d.itemsize)]  # fmt: skip
+    assert dtypes, f"{config} fits no dtype: autotune could never pick it"
+    return dtypes[:1] if INTERPRET else dtypes
 
 
 def poison_allocations(monkeypatch):

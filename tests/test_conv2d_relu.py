@@ -8,12 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
+    AUTOTUNED,
+    AUTOTUNED_IDS,
     KERNEL_DEVICE,
     assert_kernel_backend,
     assert_parity,
     backend_device,
+    force_tile,
     output_and_grads,
     poison_allocations,
+    tile_dtypes,
     torch_conv2d_relu,
 )
 
@@ -234,3 +238,15 @@ def test_activation_mask_equals_pytorchs_backward(backend, dtype, negative_slope
         expected = torch.ops.aten.threshold_backward(grad_out, out, 0)
     assert torch.equal(grad, expected)
     torch.testing.assert_close(grad_bias, expected.float().sum((0, 2, 3)).to(dtype))
+
+
+@pytest.mark.parametrize("kernel_name,config", AUTOTUNED, ids=AUTOTUNED_IDS)
+def test_every_autotuned_tile(kernel_name, config, monkeypatch):
+    """Each tile on a shape that no tile divides: 286 output pixels, 67 input channels, 37
+    output channels."""
+    force_tile(monkeypatch, kernel_name, config)
+    for dtype in tile_dtypes(config):
+        assert_kernel_backend("conv2d_relu", KERNEL_DEVICE, dtype)
+        x, weight, bias = make_case(2, 67, 37, 13, 11, 3, True, dtype, KERNEL_DEVICE,
+                                    "channels_last")  # fmt: skip
+        check_against_float64(x, weight, bias, 1, True)

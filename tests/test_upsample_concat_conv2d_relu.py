@@ -9,12 +9,16 @@ opcheck, torch.compile, the UNet's decoders, and what the UNet saves for the bac
 import pytest
 import torch
 from helpers import (
+    AUTOTUNED,
+    AUTOTUNED_IDS,
     KERNEL_DEVICE,
     assert_kernel_backend,
     assert_parity,
+    force_tile,
     in_layout,
     output_and_grads,
     poison_allocations,
+    tile_dtypes,
     torch_conv2d_relu,
     torch_upsample_concat,
 )
@@ -50,7 +54,8 @@ def unfused(x, skip, weight, bias, padding, relu, mode, align_corners):
 
 
 def make_case(case, dtype, layout, device=KERNEL_DEVICE):
-    x_shape, skip_shape, c_out, kernel, padding, bias, relu = CASES[case]
+    """case: a name in CASES, or such a tuple."""
+    x_shape, skip_shape, c_out, kernel, padding, bias, relu = CASES.get(case, case)
     c_in = x_shape[1] + skip_shape[1]
     x = in_layout(torch.randn(x_shape, device=device, dtype=dtype), layout)
     skip = in_layout(torch.randn(skip_shape, device=device, dtype=dtype), layout)
@@ -69,6 +74,12 @@ def test_forward_and_every_gradient_against_float64(
     case, dtype, layout, mode, align_corners, monkeypatch
 ):
     assert_kernel_backend("conv2d_relu", KERNEL_DEVICE, dtype)
+    check_against_float64(case, dtype, layout, mode, align_corners, monkeypatch)
+
+
+def check_against_float64(case, dtype, layout, mode, align_corners, monkeypatch):
+    """The output and every gradient against float64: fp32 within 1e-5, half types within
+    PyTorch's own error in that dtype (`assert_parity`), NaN-poisoned allocations."""
     inputs, (padding, relu), grad_out = make_case(case, dtype, layout)
     args = (padding, relu, mode, align_corners)
     poison_allocations(monkeypatch)
@@ -88,6 +99,20 @@ def test_forward_and_every_gradient_against_float64(
         else:
             assert_parity(got, torch_got, expected, name)
     assert ours[0].is_contiguous(memory_format=torch.channels_last)
+
+
+# No tile divides it: 144 output pixels, 67 input channels (skip's 27 end inside a channel block
+# of every size), 37 output channels; x is upsampled from 5x4 to 9x8.
+TILE_CASE = ((2, 40, 5, 4), (2, 27, 9, 8), 37, 3, 1, True, True)
+
+
+@pytest.mark.parametrize("kernel_name,config", AUTOTUNED, ids=AUTOTUNED_IDS)
+def test_every_autotuned_tile(kernel_name, config, monkeypatch):
+    """Each tile with the concat loader: bilinear, whose loader blends four pixels of x."""
+    force_tile(monkeypatch, kernel_name, config)
+    for dtype in tile_dtypes(config):
+        assert_kernel_backend("upsample_concat_conv2d_relu", KERNEL_DEVICE, dtype)
+        check_against_float64(TILE_CASE, dtype, "channels_last", "bilinear", False, monkeypatch)
 
 
 def test_nan_in_x_reaches_the_same_outputs_as_pytorch():
