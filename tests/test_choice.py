@@ -4,8 +4,10 @@ Timings are injected: the logic is tested here, the speed by the benchmark suite
 """
 
 import json
+import os
 import threading
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -175,6 +177,22 @@ def test_a_stale_cache_is_ignored_with_a_warning(cache, measured, monkeypatch):
     assert measured.calls == 2
     (saved,) = cache.glob("choices-*.json")
     assert json.loads(saved.read_text())["stamp"]["torch"] == "9.9"
+
+
+def test_the_stamp_changes_with_a_rebuilt_extension(tmp_path, monkeypatch):
+    """A rebuilt `_C` (other size or time) makes the saved choices stale: its max-pool may run
+    at another speed."""
+    library = tmp_path / "_C.so"
+    library.write_bytes(b"\0" * 100)
+    monkeypatch.setattr(_choice, "native_extension", lambda: SimpleNamespace(__file__=library))
+    stamp = _choice.stamp.__wrapped__
+    built = stamp()
+    assert stamp() == built
+    library.write_bytes(b"\0" * 101)
+    resized = stamp()
+    assert resized["kernels"] != built["kernels"]
+    os.utime(library, ns=(0, library.stat().st_mtime_ns + 10**9))
+    assert stamp()["kernels"] not in (built["kernels"], resized["kernels"])
 
 
 @pytest.mark.parametrize(
