@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +165,26 @@ def test_cpu_timing_takes_turns_and_gives_each_step_its_median(monkeypatch):
     rounds = [("a", 0), ("b", 0)], [("b", 1), ("a", 1)]
     assert calls[4:] == [*rounds[0], *rounds[1], *rounds[0], *rounds[1], *rounds[0]]
     assert times == pytest.approx({"a": 1.0, "b": 3.0})  # a: 1, 2, 1, 2, 1 ms
+
+
+def test_startup_script_times_cold_warm_and_reference_processes(tmp_path):
+    """benchmarks/startup.py (issue 12's start-up targets), at a tiny size on the CPU."""
+    script = Path(__file__).parents[1] / "benchmarks" / "startup.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, str(script), str(tmp_path), "--device", "cpu", "--batch", "1",
+               "--size", "16", "--base", "2", "--depth", "1"]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "startup.json").read_text())
+    assert result["settings"] == {"device": "cpu", "batch": 1, "size": 16, "base": 2, "depth": 1}
+    figures = {
+        "cold": {"first_training_step_s", "steady_training_step_s", "first_forward_s"},
+        "warm": {"first_forward_s", "steady_forward_s", "first_training_step_s"},
+        "reference": {"first_forward_s", "steady_forward_s", "triton_key_s"},
+    }
+    for phase, names in figures.items():
+        assert set(result[phase]) == names | {"process_s"}, phase
+        assert all(result[phase][name] > 0 for name in names), phase
+    warm = result["warm"]
+    assert result["warm_first_forward_ratio"] == warm["first_forward_s"] / warm["steady_forward_s"]
+    assert "cold: first training step" in done.stdout
