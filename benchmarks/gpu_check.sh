@@ -1,38 +1,69 @@
 #!/usr/bin/env bash
 # The whole GPU check in one command, on a machine with torch, Triton and nvcc and no network
 # (../shared/GPU.md): build in place, the test suite on CUDA, compute-sanitizer on the CUDA
-# extension's tests, and `fastunet bench`. Everything lands in OUT; a short summary is printed
-# last. Stages can be run one at a time to fit a 10-minute call:
+# extension's tests, `fastunet bench`, the start-up figures and a profile. Everything lands in
+# OUT; a short summary is printed last.
 #
-#   benchmarks/gpu_check.sh OUT [build] [tests] [sanitizer] [bench] [profile]
+#   benchmarks/gpu_check.sh OUT [build] [tests] [sanitizer] [bench] [startup] [profile]
 #                                                   (default: build tests sanitizer bench)
 #
-# Files in OUT: build.log, info.txt, tests.log, sanitizer.log, bench.log, bench.json, bench.md,
-# bench.png (the plot needs matplotlib), profile.log, profile.json. Variables: BENCH_ARGS and
-# TEST_ARGS (e.g. "-n 8" with pytest-xdist) pass arguments on, STAGE_TIMEOUT (seconds) stops a
-# stage that runs longer (exit 124) so the stages after it still run and the logs come back.
+# Files in OUT, at most 8 whatever the stages (the device tool brings back 8): info.txt,
+# stages.log (every stage's output but the tests', each under a "== stage" header), tests.log,
+# bench.json, bench.md, bench.png (the plot needs matplotlib), startup.json, profile.json.
+#
+# Variables:
+# - BENCH_ARGS and TEST_ARGS pass arguments on (TEST_ARGS="-n 8" with pytest-xdist).
+# - DEADLINE (seconds after the start): every stage ends by then, each cut short (exit 124)
+#   where it would run longer, and a stage with under 20 s left is skipped, so the logs and a
+#   summary come back inside the call's limit.
+# - TIMEOUT_<stage> (e.g. TIMEOUT_tests=240), else STAGE_TIMEOUT: one stage's own limit, so the
+#   stages after it still run.
+#
+# Within one 15-minute lease of a fresh H100 (a start takes 1-2 minutes; a call 10 at most):
+#   call 1, timeout_s 570:
+#     DEADLINE=540 TIMEOUT_tests=240 TEST_ARGS="-n 8" BENCH_ARGS="--compile none" \
+#       benchmarks/gpu_check.sh $OUT build tests sanitizer bench
+#   call 2, at once (the machine stays warm 30 s), with what is left:
+#     DEADLINE=... BENCH_ARGS="--case N16-256-bf16 --model-seconds 0.5" \
+#       benchmarks/gpu_check.sh $OUT build startup bench
+#   (call 2's bench is the compile baseline: --compile standard is the default.)
 #
 # The GPU machine cannot download, and has no pytest-xdist or MONAI. The build stage installs
 # the wheels in .gpu-wheels/ (git-ignored) first, if there are any: fetch them where a registry
 # is reachable and carry the folder along:
 #   pip download pytest-xdist execnet monai --no-deps -d .gpu-wheels
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_check.sh OUT [build] [tests] [sanitizer] [bench] [profile]}
+out=${1:?usage: benchmarks/gpu_check.sh OUT [build] [tests] [sanitizer] [bench] [startup] [profile]}
 shift
 stages=${*:-build tests sanitizer bench}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+log=$out/stages.log
 summary=()
 
-run_stage() {  # name, log, command...: runs it, keeps its exit code and last line
-  local name=$1 log=$2
+note() {  # name, exit code, start, last line
+  summary+=("$(printf '%-10s exit %-3s %4ss  %s' "$1" "$2" $((SECONDS - $3)) "${4:0:110}")")
+}
+
+run_stage() {  # name, log file, command...: runs it within its time, keeps its exit code
+  local name=$1 file=$2
   shift 2
-  local start=$SECONDS
-  timeout "${STAGE_TIMEOUT:-0}" "$@" >"$out/$log" 2>&1
+  local start=$SECONDS cap_name="TIMEOUT_$name"
+  local limit=${!cap_name:-${STAGE_TIMEOUT:-0}}
+  if [ -n "${DEADLINE:-}" ]; then
+    local left=$((DEADLINE - SECONDS - 5))
+    if [ "$left" -lt 20 ]; then
+      note "$name" skip "$start" "skipped: ${left}s left before DEADLINE=$DEADLINE"
+      return 0
+    fi
+    if [ "$limit" -eq 0 ] || [ "$limit" -gt "$left" ]; then limit=$left; fi
+  fi
+  echo "== $name: $* (limit ${limit}s; 0 is none)" >>"$file"
+  timeout "$limit" "$@" >>"$file" 2>&1
   local code=$?
-  summary+=("$(printf '%-10s exit %-3s %4ss  %s' "$name" "$code" $((SECONDS - start)) \
-    "$(grep -v '^\s*$' "$out/$log" | tail -n 1 | cut -c1-110)")")
+  echo "== $name: exit $code after $((SECONDS - start))s" >>"$file"
+  note "$name" "$code" "$start" "$(grep -v -e '^\s*$' -e '^== ' "$file" | tail -n 1)"
   return $code
 }
 
@@ -40,42 +71,46 @@ for stage in $stages; do
   case $stage in
     build)
       if compgen -G ".gpu-wheels/*.whl" >/dev/null; then
-        python3 -m pip install --no-deps --no-index .gpu-wheels/*.whl >"$out/wheels.log" 2>&1
+        run_stage wheels "$log" python3 -m pip install --no-deps --no-index .gpu-wheels/*.whl
       fi
       # The GPU's own arch only, unless FASTUNET_CUDA_ARCHS says otherwise: a quicker build.
       arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d .)
-      FASTUNET_CUDA=1 FASTUNET_CUDA_ARCHS=${FASTUNET_CUDA_ARCHS:-$arch} run_stage build build.log \
+      FASTUNET_CUDA=1 FASTUNET_CUDA_ARCHS=${FASTUNET_CUDA_ARCHS:-$arch} run_stage build "$log" \
         python3 -m pip install --no-build-isolation --no-deps -e .
       python3 -m fastunet.cli info >"$out/info.txt" 2>&1
       nvidia-smi >>"$out/info.txt" 2>&1
       ;;
     tests)
       # shellcheck disable=SC2086
-      run_stage tests tests.log python3 -m pytest tests -q -rs -p no:cacheprovider \
-        --deselect tests/test_max_pool2d.py::test_compute_sanitizer_finds_no_errors ${TEST_ARGS:-}
+      run_stage tests "$out/tests.log" python3 -m pytest tests -q -rs -p no:cacheprovider \
+        --durations=15 ${TEST_ARGS:-} \
+        --deselect tests/test_max_pool2d.py::test_compute_sanitizer_finds_no_errors
       ;;
     sanitizer)
-      run_stage sanitizer sanitizer.log python3 -m pytest tests/test_max_pool2d.py -q -rs \
+      run_stage sanitizer "$log" python3 -m pytest tests/test_max_pool2d.py -q -rs \
         -p no:cacheprovider -k compute_sanitizer
       ;;
     bench)
       plot=()
       python3 -c "import matplotlib" 2>/dev/null && plot=(--plot "$out/bench.png")
       # shellcheck disable=SC2086
-      run_stage bench bench.log python3 -m fastunet.cli bench --no-progress \
+      run_stage bench "$log" python3 -m fastunet.cli bench --no-progress \
         --output "$out/bench.json" --markdown "$out/bench.md" "${plot[@]}" ${BENCH_ARGS:-}
       ;;
+    startup)
+      run_stage startup "$log" python3 benchmarks/startup.py "$out"
+      ;;
     profile)
-      run_stage profile profile.log python3 benchmarks/profile_model.py "$out" --reduce-overhead
+      run_stage profile "$log" python3 benchmarks/profile_model.py "$out" --reduce-overhead
       ;;
     *)
-      echo "unknown stage $stage (build, tests, sanitizer, bench, profile)" >&2
+      echo "unknown stage $stage (build, tests, sanitizer, bench, startup, profile)" >&2
       exit 2
       ;;
   esac
 done
 
-[ -f "$out/bench.log" ] && sed -n '/^model/,$p' "$out/bench.log" | head -n 12
+[ -f "$out/bench.md" ] && sed -n '/^### Model/,$p' "$out/bench.md" | head -n 14
 echo
 printf '%s\n' "${summary[@]}"
-! printf '%s\n' "${summary[@]}" | grep -qv 'exit 0 '
+! printf '%s\n' "${summary[@]}" | grep -qv "exit 0 "
