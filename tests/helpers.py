@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn.functional as F
+from hypothesis import strategies as st
 from packaging.version import Version
 
 from fastunet.bench.parity import relative_error
@@ -13,6 +14,12 @@ from fastunet.ops._backend import choose
 # else the CPU through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+
+# A UNet of depth d's input axis, drawn as 2**d * multiple + extra: extra 0 makes every level an
+# exact 2x of the next (where PyTorch's paths have shortcuts), extra > 0 odd sizes, whose pooling
+# drops a row or column and whose upsampling is not 2x.
+UNET_AXIS = st.tuples(st.integers(1, 4), st.just(0) | st.integers(1, 5))
+UNET_AXES = st.tuples(UNET_AXIS, UNET_AXIS)
 
 # Under the interpreter there is no bfloat16.
 KERNEL_DTYPES = [torch.float32, torch.float16] + (

@@ -7,12 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import backend_device, output_and_grads, torch_conv2d_relu, torch_upsample_concat
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch._prims_common import suggest_memory_format
 from torch.autograd import forward_ad
 from torch.library import opcheck
 
 from fastunet import ops
 from fastunet.bench.parity import relative_error
 from fastunet.ops import _backend
+from fastunet.ops._common import in_memory_format, memory_format_of
 from fastunet.ops.conv2d_relu import conv2d_grad, conv2d_relu_grad_output
 from fastunet.ops.max_pool2d import max_pool2d_backward
 from fastunet.ops.upsample_concat import upsample_grad
@@ -412,3 +416,31 @@ def test_composite_backward_is_one_convolution_backward(torch_backend, op, needs
     masks = [e.concrete_inputs[-1] for e in profile.events() if e.name == CONVOLUTION_BACKWARD]
     assert masks == [[need_input, need_weight, False]]
     assert (x.grad is not None) == need_input and (weight.grad is not None) == need_weight
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(
+    shape=st.tuples(*[st.integers(0, 3)] * 4),
+    strides=st.tuples(*[st.sampled_from([0, 1, 2, 3, 4, 6, 8, 12, 24])] * 4),
+)
+def test_memory_format_of_reads_strides_as_pytorch_does(shape, strides):
+    """The layout fastunet's ops hand on is the one PyTorch's own ops read from the strides
+    (c10's suggest_memory_format, mirrored in torch._prims_common), for any strides: dense,
+    views, stride 0, and the ambiguous strides of one channel or a 1x1 image."""
+    x = torch.empty(1000).as_strided(shape, strides)
+    assert memory_format_of(x) == suggest_memory_format(x)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 3, 4), (1, 1, 3, 4), (2, 5, 1, 1), (0, 1, 3, 4)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_in_memory_format_gives_the_layouts_own_strides(shape, layout):
+    """Where `contiguous` keeps strides that fit both layouts, the result still reads as the
+    layout asked for (PyTorch's convolutions then compute in it), as a view of the same data."""
+    x = torch.randn(shape)
+    y = in_memory_format(x, layout)
+    assert torch.equal(y, x)
+    if x.numel():
+        assert memory_format_of(y) == layout
+        assert y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+        weight = torch.randn(3, shape[1], 1, 1)
+        assert memory_format_of(F.conv2d(y, weight)) == layout

@@ -9,7 +9,7 @@ from fastunet.models._base import UNetBase
 from fastunet.models.reference import ReferenceUNet
 from fastunet.nn import Conv2dReLU, MaxPool2d
 from fastunet.ops._choice import choose_layout, pytorch_by_rule, runs_pytorch_by_rule
-from fastunet.ops._common import memory_format_of
+from fastunet.ops._common import in_memory_format, memory_format_of
 
 
 class FusedDoubleConv(nn.Module):
@@ -48,12 +48,12 @@ class UNet(UNetBase):
         self.check_input(x)
         layout = memory_format_of(x)
         if x.is_cuda:  # the kernels' layout, and cuDNN's fastest for half types
-            out = self._run(x.contiguous(memory_format=torch.channels_last))
+            out = self._run(in_memory_format(x, torch.channels_last))
         elif not torch.compiler.is_compiling() and x.numel() and runs_pytorch_by_rule(x):
             with pytorch_by_rule():  # the layers need not ask, one by one
-                out = self._run(x.contiguous(memory_format=self._faster_cpu_layout(x)))
+                out = self._run(in_memory_format(x, self._faster_cpu_layout(x)))
         else:  # the interpreter, a forced backend, torch.compile: the input's layout
-            out = self._run(x.contiguous(memory_format=layout))
+            out = self._run(in_memory_format(x, layout))
         return out.contiguous(memory_format=layout)
 
     def _faster_cpu_layout(self, x: Tensor) -> torch.memory_format:

@@ -49,7 +49,7 @@ from torch import Tensor
 from fastunet._version import __version__
 from fastunet.kernels import INTERPRET
 from fastunet.ops._backend import choose, forced_backend, native_extension, package_version
-from fastunet.ops._common import CHANNELS_LAST, memory_format_of
+from fastunet.ops._common import CHANNELS_LAST, in_memory_format, memory_format_of
 from fastunet.ops._timing import compare_ms
 
 FORMAT = 1
@@ -494,7 +494,7 @@ def _measure_layouts(run, x: Tensor, params: list[Tensor], training: bool) -> di
     parameters (and x if it needs a gradient), on fresh leaves, so nothing gathers a gradient.
     The layer calls made while timing are not recorded."""
     global _recording
-    leaves = {name: x.detach().contiguous(memory_format=layout).requires_grad_(x.requires_grad)
+    leaves = {name: in_memory_format(x.detach(), layout).requires_grad_(x.requires_grad)
               for name, layout in LAYOUTS.items()}  # fmt: skip
     needs_grad = [p for p in params if p.requires_grad]
 

@@ -54,10 +54,33 @@ def check_same_device_and_dtype(op: str, **tensors: torch.Tensor | None) -> None
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when x is stored NHWC (and not also plain contiguous), else contiguous."""
-    if x.is_contiguous(memory_format=CHANNELS_LAST) and not x.is_contiguous():
-        return CHANNELS_LAST
-    return torch.contiguous_format
+    """The layout PyTorch's own ops read from x's strides (`suggest_memory_format` in c10), so an
+    op hands on the layout PyTorch's would: channels_last for a 4-D tensor whose strides step
+    channels fastest, then width, height and batch (a view too); where they fit both layouts
+    (one channel, a 1x1 image), the order of the strides' values decides, and a tie is NCHW."""
+    if x.dim() != 4 or x.stride(1) == 0:
+        return torch.contiguous_format
+    smallest = 0
+    for dim in (1, 3, 2, 0):
+        size, stride = x.shape[dim], x.stride(dim)
+        if size == 0 or stride < smallest or (dim == 0 and smallest == x.stride(1)):
+            return torch.contiguous_format
+        smallest = stride * size if size > 1 else stride
+    return CHANNELS_LAST
+
+
+def in_memory_format(x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+    """x.contiguous(memory_format=layout), with that layout's own strides. Where x's strides
+    fit both layouts (one channel, a 1x1 image), `contiguous` returns x as it is, and PyTorch's
+    convolutions, which read the layout from the strides, then compute and hand on the other
+    one: a one-channel input could never run channels_last. The restrided tensor is a view of
+    the same elements (a dimension of size 1 is never stepped along), not a copy."""
+    x = x.contiguous(memory_format=layout)
+    if x.dim() != 4 or x.numel() == 0:
+        return x
+    c, h, w = x.shape[1:]
+    dense = (c * h * w, 1, w * c, c) if layout == CHANNELS_LAST else (c * h * w, h * w, w, 1)
+    return x if x.stride() == dense else x.as_strided(x.shape, dense, x.storage_offset())
 
 
 def empty_channels_last(
