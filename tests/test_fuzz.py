@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 from fastunet import ops
 from fastunet.bench.parity import dtype_name, relative_error
 from fastunet.ops._backend import choose
+from fastunet.ops._common import CHANNELS_LAST, in_memory_format
 
 CASES = [("kernels", dtype) for dtype in KERNEL_DTYPES] + [
     ("torch", dtype) for dtype in (torch.float32, torch.float16, torch.float64)
@@ -65,6 +66,7 @@ def fuzz(test, examples=EXAMPLES):
 
 
 NAN, INF = float("nan"), float("inf")
+CONTIGUOUS = torch.contiguous_format
 SPECIALS = torch.tensor([NAN, INF, -INF, -0.0], dtype=torch.float64)
 # A convolution's grad_input is a convolution of grad, zero-padded, with the flipped weight, so an
 # inf or NaN weight times that padding reaches the border of grad_x where PyTorch's col2im drops
@@ -130,14 +132,20 @@ def kind(t):
     return t.isnan().int() + 2 * t.isinf().int() + (t == -INF).int()
 
 
-def assert_close(name, got, truth, torch_same_dtype):
+def assert_close(name, got, truth, torch_same_dtype, torch_channels_last=None):
     """NaN and +-inf where PyTorch has them, and the finite values near the float64 truth.
 
     Where PyTorch's float64 and same-dtype results differ in kind, a 0 met an inf and its own
     algorithms disagree (0 * inf at the zero padding in one conv algorithm and not in another;
-    a bilinear weight that is 0 in float64 but 1e-8 in fp32), so any kind passes there."""
+    a bilinear weight that is 0 in float64 but 1e-8 in fp32), so any kind passes there. So too
+    where its same-dtype results on contiguous and on channels_last copies differ in kind
+    (`torch_channels_last`): its channels_last conv backward never multiplies the zero padding,
+    where inf * 0 makes NaN, so either is PyTorch's answer (and fastunet's composite computes
+    channels_last where PyTorch's would not)."""
     value, same = got.detach().cpu().double(), torch_same_dtype.double()
     agree = kind(truth) == kind(same)
+    if torch_channels_last is not None:
+        agree &= kind(torch_channels_last.double()) == kind(same)
     assert torch.equal(kind(value)[agree], kind(truth)[agree]), f"{name}: NaN/inf unlike PyTorch"
     finite = agree & truth.isfinite()
     if got.dtype in TOLERANCE:
@@ -148,9 +156,12 @@ def assert_close(name, got, truth, torch_same_dtype):
         assert_parity(value[finite], same[finite], truth[finite], name, floor=eps)
 
 
-def check(names, ours, truth, torch_same_dtype, bitwise=()):
+def check(names, ours, truth, torch_same_dtype, bitwise=(), torch_channels_last=None):
     """Each output of ours against the float64 truth (None where an input had no gradient)."""
-    for name, got, exact, same in zip(names, ours, truth, torch_same_dtype, strict=True):
+    channels_last = torch_channels_last or [None] * len(names)
+    for name, got, exact, same, same_channels_last in zip(
+        names, ours, truth, torch_same_dtype, channels_last, strict=True
+    ):
         if exact is None:
             assert got is None, name
             continue
@@ -158,20 +169,30 @@ def check(names, ours, truth, torch_same_dtype, bitwise=()):
         if name in bitwise:
             assert_same_bits(got.cpu(), exact.to(got.dtype))
         else:
-            assert_close(name, got, exact, same)
+            assert_close(name, got, exact, same, same_channels_last)
+
+
+def dense(t, layout):
+    """A dense copy of t, in `layout` if it is 4-D."""
+    return in_memory_format(t, layout) if t.dim() == 4 else t.contiguous()
 
 
 def compare(function, reference, inputs, grad_out, *args, names, bitwise=()):
     """function against reference in float64 (the truth) and in the inputs' dtype, both on the
     CPU (PyTorch's semantics) and on contiguous copies (its fp16 conv backward rejects some
-    layouts)."""
+    layouts); for NaN and inf also PyTorch in the inputs' dtype on channels_last copies, where
+    it takes them (see `assert_close`)."""
     ours = output_and_grads(function, inputs, grad_out, *args)
     results = []
-    for dtype in (torch.float64, grad_out.dtype):
-        copies = [None if t is None else t.cpu().to(dtype).contiguous() for t in inputs]
-        grad = grad_out.cpu().to(dtype).contiguous()
-        results.append(output_and_grads(reference, copies, grad, *args))
-    check(names, ours, *results, bitwise)
+    for dtype, layout in ((torch.float64, CONTIGUOUS), (grad_out.dtype, CONTIGUOUS),
+                          (grad_out.dtype, CHANNELS_LAST)):  # fmt: skip
+        copies = [None if t is None else dense(t.cpu().to(dtype), layout)
+                  for t in (*inputs, grad_out)]  # fmt: skip
+        try:
+            results.append(output_and_grads(reference, copies[:-1], copies[-1], *args))
+        except RuntimeError:  # a layout PyTorch's fp16 CPU kernels do not take
+            results.append(None)
+    check(names, ours, *results[:2], bitwise, results[2])
 
 
 @backend_and_dtype
