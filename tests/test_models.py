@@ -2,6 +2,9 @@
 
 import pytest
 import torch
+from helpers import UNET_AXES, backend_device, in_layout
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastunet import ReferenceUNet, UNet
@@ -199,3 +202,30 @@ def test_bad_input_gets_a_clear_error(model_class, x, error, match):
 def test_bad_arguments_get_a_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         UNet(**kwargs)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(
+    batch=st.integers(0, 2),
+    in_channels=st.integers(1, 3),
+    num_classes=st.integers(1, 3),
+    depth=st.integers(1, 3),
+    base_channels=st.integers(1, 4),
+    axes=UNET_AXES,
+    upsample=st.sampled_from([("nearest", False), ("bilinear", False), ("bilinear", True)]),
+    layout=st.sampled_from(["contiguous", "channels_last", "strided", "permuted"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_drawn_models_match_the_reference(
+    backend, batch, in_channels, num_classes, depth, base_channels, axes, upsample, layout, seed
+):
+    """Whole models, forward and every gradient, on both backends (the kernels run in Triton's
+    interpreter without a GPU): hypothesis draws the architecture, the input's size and its
+    memory layout."""
+    torch.manual_seed(seed)
+    device = backend_device(backend)
+    reference, fast = make_pair(depth, base_channels, in_channels, num_classes, *upsample)
+    size = [2**depth * multiple + extra for multiple, extra in axes]
+    x = in_layout(torch.randn(batch, in_channels, *size, device=device), layout)
+    assert_same_results(reference.to(device), fast.to(device), x)
