@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import KERNEL_DEVICE
+from helpers import KERNEL_DEVICE, in_layout
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -499,3 +501,89 @@ def test_kernels(build, ops):
         counts = compare(original, fast, x)
     assert {op: counts[op] for op in (CONV, POOL, UPCAT)} == ops
     copy.deepcopy(fast)(x)  # an accelerated model copies, traces and all
+
+
+@st.composite
+def drawn_models(draw):
+    """(a UNet in one of the styles above, with drawn widths and depth; an input for it)."""
+    style = draw(st.sampled_from(["milesial-bilinear", "milesial-transposed", "smp",
+                                  "reference-nearest", "reference-bilinear"]))  # fmt: skip
+    in_channels, depth = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    base = draw(st.integers(2, 4))
+    if style.startswith("milesial"):
+        model = MilesialStyleUNet(in_channels, 2, base, depth, style.endswith("bilinear"))
+        sizes = st.integers(2**depth, 2**depth + 7)  # milesial pads odd sizes back up
+    elif style == "smp":
+        widths = tuple(base * 2**i for i in range(depth + 1))
+        model = SmpStyleUNet(in_channels, 2, widths, tuple(reversed(widths)))
+        sizes = st.integers(1, 3).map(lambda k: k * 2 ** (depth + 1))  # its cats need exact 2x
+    else:
+        mode = style.removeprefix("reference-")
+        align = mode == "bilinear" and draw(st.booleans())
+        model = fastunet.ReferenceUNet(in_channels, 2, base, depth, mode, align)
+        sizes = st.integers(2**depth, 2**depth + 7)
+    batch = draw(st.integers(1, 2))
+    x = torch.randn(batch, in_channels, draw(sizes), draw(sizes), generator=torch.Generator()
+                    .manual_seed(draw(st.integers(0, 2**16))))  # fmt: skip
+    layout = draw(st.sampled_from(["contiguous", "channels_last", "strided", "permuted"]))
+    if draw(st.booleans()):  # a convolution computes channels_last if its weight is
+        model = model.to(memory_format=torch.channels_last)
+    return style, model, in_layout(x, layout)
+
+
+DRAWN = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+
+
+@DRAWN
+@given(case=drawn_models(), training=st.booleans())
+def test_drawn_models_match_the_original(case, training, torch_backend):
+    """Any width, depth, input channel count (one too), size, input and weight layout, on
+    fastunet's ops (the torch composite inside them); the output in the original's layout."""
+    _, original, x = case
+    assume(not training or x.shape[0] > 1)  # BatchNorm trains on more than one value
+    torch.manual_seed(0)
+    original.train(training)
+    fast = fastunet.accelerate(copy.deepcopy(original))
+    for _ in range(2):  # the first call with these shapes traces; the second runs the trace
+        compare(original, fast, x, count=False)
+    with torch.no_grad():
+        assert fast(x).stride() == original(x).stride()
+
+
+@DRAWN
+@given(case=drawn_models(), training=st.booleans())
+def test_on_the_cpu_drawn_models_run_as_written_bit_for_bit(case, training, monkeypatch):
+    style, original, x = case
+    assume(not training or x.shape[0] > 1)
+    monkeypatch.setattr(_choice, "INTERPRET", False)
+    original.train(training)
+    fast = fastunet.accelerate(copy.deepcopy(original))
+    for _ in range(2):
+        ours, theirs = step(fast, x), step(original, x)
+        for name, value in ours.items():
+            assert torch.equal(value, theirs[name]), f"{style}: {name}"
+
+
+def test_a_replaced_decoder_hands_on_the_layout_torch_cat_would(torch_backend):
+    """cat([skip, upsample(x)]) is channels_last only where both are: at a 1x1 bottom level x's
+    strides read as NCHW, so a channels_last input's last decoder conv computes NCHW in the
+    original, and must in the accelerated model (hypothesis found it: the bits differed)."""
+    torch.manual_seed(0)
+    original = MilesialStyleUNet(2, 2, 2, 1).eval()
+    fast = fastunet.accelerate(copy.deepcopy(original))
+    x = torch.randn(1, 2, 2, 2).contiguous(memory_format=torch.channels_last)
+    seen = {}
+
+    def record(name):
+        def hook(module, args):
+            seen[name] = args[0].stride()
+
+        return hook
+
+    for name, model in (("original", original), ("fast", fast)):
+        handle = model.ups[0].conv[0].register_forward_pre_hook(record(name))
+        with torch.no_grad():
+            model(x), model(x)  # the first call traces, the second runs the trace
+        handle.remove()
+    assert seen["fast"] == seen["original"] == (16, 4, 2, 1)

@@ -184,11 +184,21 @@ class FusedConv2d(nn.Conv2d):
             "conv2d_relu", ops.conv2d_relu, x, weight, bias, self.padding[0],
             negative_slope is not None, negative_slope or 0.0,
         )  # fmt: skip
-        return out.contiguous(memory_format=memory_format_of(x))
+        return out.contiguous(memory_format=pytorch_layout(x, weight, any_of=True))
 
     def extra_repr(self) -> str:
         folded = f", folds={self.chain.describe()!r}" if self.chain is not None else ""
         return super().extra_repr() + folded
+
+
+def pytorch_layout(a: Tensor, b: Tensor, any_of: bool) -> torch.memory_format:
+    """The layout PyTorch's own op gives its output, from its two inputs' layouts: a
+    convolution computes channels_last where its input or its weight is (any_of), a cat of
+    [skip, interpolate(x)] where both are (interpolate keeps x's layout). fastunet's ops return
+    channels_last; a replaced layer hands on what the layer it replaces would have."""
+    a_cl, b_cl = (memory_format_of(t) == torch.channels_last for t in (a, b))
+    channels_last = (a_cl or b_cl) if any_of else (a_cl and b_cl)
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 class _FoldedInto:
@@ -268,7 +278,7 @@ def upsample_concat(
         out = run_layer(
             "upsample_concat", ops.upsample_concat, x, skip, mode, align_corners, skip_first
         )
-        return out.contiguous(memory_format=memory_format_of(skip))
+        return out.contiguous(memory_format=pytorch_layout(skip, x, any_of=False))
     aligned = align_corners if mode == "bilinear" else None
     up = F.interpolate(x, size=skip.shape[-2:], mode=mode, align_corners=aligned)
     return torch.cat([skip, up] if skip_first else [up, skip], 1)
