@@ -440,9 +440,12 @@ def test_memory_format_of_reads_strides_as_pytorch_does(shape, strides):
 def test_in_memory_format_gives_the_layouts_own_strides(shape, layout):
     """Where `contiguous` keeps strides that fit both layouts, the result still reads as the
     layout asked for (PyTorch's convolutions then compute in it), as a view of the same data."""
-    x = torch.randn(shape)
+    x = torch.randn(shape, requires_grad=True)
     y = in_memory_format(x, layout)
     assert torch.equal(y, x)
+    grad = torch.randn(shape)
+    y.backward(grad)  # the gradient flows back through the view unchanged
+    assert torch.equal(x.grad, grad)
     if x.numel():
         assert memory_format_of(y) == layout
         assert y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
