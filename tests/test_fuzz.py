@@ -244,16 +244,23 @@ def upsample_shapes(draw):
     layouts=st.tuples(LAYOUTS_4D, LAYOUTS_4D, LAYOUTS_4D),
     values=st.sampled_from(VALUES),
     seed=SEEDS,
+    skip_first=st.booleans(),
 )
-def test_upsample_concat(backend, dtype, shapes, mode, layouts, values, seed):
+def test_upsample_concat(backend, dtype, shapes, mode, layouts, values, seed, skip_first):
     device = backend_device(backend)
     assert_backend("upsample_concat", backend, device, dtype)
     (n, c_x, _, _), (_, c_skip, h_out, w_out) = shapes
     grad_shape = (n, c_skip + c_x, h_out, w_out)
     x, skip, grad_out = tensors((*shapes, grad_shape), layouts, values, seed, dtype, device)
     copies = ("out", "grad_skip") if mode[0] == "nearest" else ("grad_skip",)
+
+    def reference(x, skip, mode, align_corners, skip_first):
+        aligned = align_corners if mode == "bilinear" else None
+        up = F.interpolate(x, size=skip.shape[-2:], mode=mode, align_corners=aligned)
+        return torch.cat([skip, up] if skip_first else [up, skip], 1)
+
     compare(
-        ops.upsample_concat, torch_upsample_concat, (x, skip), grad_out, *mode,
+        ops.upsample_concat, reference, (x, skip), grad_out, *mode, skip_first,
         names=("out", "grad_x", "grad_skip"), bitwise=copies,
     )  # fmt: skip
 
