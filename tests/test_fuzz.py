@@ -207,13 +207,13 @@ def compare(function, reference, inputs, grad_out, *args, names, bitwise=()):
     kw=st.integers(1, 3),
     padding=st.integers(0, 2),
     bias=st.booleans(),
-    relu=st.booleans(),
+    activation=st.sampled_from([None, 0.0, 0.01, 0.2]),  # none, ReLU, LeakyReLU's slopes
     layouts=st.tuples(LAYOUTS_4D, LAYOUTS_4D, LAYOUTS_1D, LAYOUTS_4D),
     values=st.sampled_from(VALUES),
     seed=SEEDS,
 )
-def test_conv2d_relu(backend, dtype, n, c_in, c_out, h, w, kh, kw, padding, bias, relu, layouts,
-                     values, seed):  # fmt: skip
+def test_conv2d_relu(backend, dtype, n, c_in, c_out, h, w, kh, kw, padding, bias, activation,
+                     layouts, values, seed):  # fmt: skip
     h_out, w_out = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
     assume(h_out >= 1 and w_out >= 1)
     device = backend_device(backend)
@@ -221,9 +221,17 @@ def test_conv2d_relu(backend, dtype, n, c_in, c_out, h, w, kh, kw, padding, bias
     shapes = [(n, c_in, h, w), (c_out, c_in, kh, kw), (c_out,), (n, c_out, h_out, w_out)]
     specials = [SPECIALS, FINITE_SPECIALS, SPECIALS, SPECIALS]
     x, weight, b, grad_out = tensors(shapes, layouts, values, seed, dtype, device, specials)
+
+    def reference(x, weight, bias, padding, relu, negative_slope):
+        out = F.conv2d(x, weight, bias, padding=padding)
+        if not relu:
+            return out
+        return F.leaky_relu(out, negative_slope) if negative_slope else F.relu(out)
+
+    relu, slope = activation is not None, activation or 0.0
     compare(
-        ops.conv2d_relu, torch_conv2d_relu, (x, weight, b if bias else None), grad_out,
-        padding, relu, names=("out", "grad_x", "grad_weight", "grad_bias"),
+        ops.conv2d_relu, reference, (x, weight, b if bias else None), grad_out, padding, relu,
+        slope, names=("out", "grad_x", "grad_weight", "grad_bias"),
     )  # fmt: skip
 
 
