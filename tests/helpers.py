@@ -20,6 +20,15 @@ KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # drops a row or column and whose upsampling is not 2x.
 UNET_AXIS = st.tuples(st.integers(1, 4), st.just(0) | st.integers(1, 5))
 UNET_AXES = st.tuples(UNET_AXIS, UNET_AXIS)
+# (mode, align_corners) of an upsampling, and the memory layouts `in_layout` makes.
+UPSAMPLE_MODES = st.sampled_from([("nearest", False), ("bilinear", False), ("bilinear", True)])
+INPUT_LAYOUTS = st.sampled_from(["contiguous", "channels_last", "strided", "permuted"])
+
+
+def unet_size(depth: int, axes) -> list[int]:
+    """The (H, W) that UNET_AXES drew for a UNet of this depth."""
+    return [2**depth * multiple + extra for multiple, extra in axes]
+
 
 # Under the interpreter there is no bfloat16.
 KERNEL_DTYPES = [torch.float32, torch.float16] + (
@@ -118,14 +127,17 @@ def poison_allocations(monkeypatch):
 # PyTorch's own composites: what each fastunet op must equal.
 
 
-def torch_conv2d_relu(x, weight, bias, padding, relu):
+def torch_conv2d_relu(x, weight, bias, padding, relu, negative_slope=0.0):
     out = F.conv2d(x, weight, bias, padding=padding)
-    return F.relu(out) if relu else out
+    if not relu:
+        return out
+    return F.leaky_relu(out, negative_slope) if negative_slope else F.relu(out)
 
 
-def torch_upsample_concat(x, skip, mode, align_corners):
+def torch_upsample_concat(x, skip, mode, align_corners, skip_first=True):
     kwargs = {} if mode == "nearest" else {"align_corners": align_corners}
-    return torch.cat([skip, F.interpolate(x, size=skip.shape[-2:], mode=mode, **kwargs)], 1)
+    up = F.interpolate(x, size=skip.shape[-2:], mode=mode, **kwargs)
+    return torch.cat([skip, up] if skip_first else [up, skip], 1)
 
 
 def output_and_grads(function, inputs, grad_out, *args):

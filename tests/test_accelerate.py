@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import KERNEL_DEVICE, in_layout
+from helpers import INPUT_LAYOUTS, KERNEL_DEVICE, in_layout
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -525,7 +525,7 @@ def drawn_models(draw):
     batch = draw(st.integers(1, 2))
     x = torch.randn(batch, in_channels, draw(sizes), draw(sizes), generator=torch.Generator()
                     .manual_seed(draw(st.integers(0, 2**16))))  # fmt: skip
-    layout = draw(st.sampled_from(["contiguous", "channels_last", "strided", "permuted"]))
+    layout = draw(INPUT_LAYOUTS)
     if draw(st.booleans()):  # a convolution computes channels_last if its weight is
         model = model.to(memory_format=torch.channels_last)
     return style, model, in_layout(x, layout)

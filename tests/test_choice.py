@@ -12,7 +12,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import UNET_AXES, assert_same_bits, in_layout
+from helpers import (
+    INPUT_LAYOUTS,
+    UNET_AXES,
+    UPSAMPLE_MODES,
+    assert_same_bits,
+    in_layout,
+    unet_size,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -376,21 +383,20 @@ def test_on_the_cpu_unet_is_referenceunet_in_the_faster_layout_bit_for_bit(
     # whatever its layout, so ReferenceUNet itself does not stay in one layout.
     base_channels=st.integers(2, 4),
     axes=UNET_AXES,
-    upsample=st.sampled_from([("nearest", False), ("bilinear", False), ("bilinear", True)]),
-    input_layout=st.sampled_from(["contiguous", "channels_last", "strided", "permuted"]),
+    upsample=UPSAMPLE_MODES,
+    input_layout=INPUT_LAYOUTS,
     faster=st.sampled_from(list(_choice.LAYOUTS)),
     grad=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_on_the_cpu_drawn_models_are_referenceunet_in_the_faster_layout_bit_for_bit(
-    cache, cpu_rule, layout_times, batch, in_channels, depth, base_channels, axes, upsample,
-    input_layout, faster, grad, seed,
+    cache, cpu_rule, layout_times, monkeypatch, batch, in_channels, depth, base_channels, axes,
+    upsample, input_layout, faster, grad, seed,
 ):  # fmt: skip
     """The same claim on models, inputs and passes that hypothesis draws: one input channel
     too, whose NCHW strides fit channels_last as well (there `contiguous` keeps them, and the
     first conv computed NCHW whatever layout measured faster)."""
-    _choice._decided.clear()  # each example chooses afresh, in its own `faster` layout
-    _choice._caches.clear()
+    new_process(monkeypatch)  # each example chooses afresh, in its own `faster` layout
     for saved in cache.glob("choices-*.json"):
         saved.unlink()
     layout = faster_layout(layout_times, faster)
@@ -398,8 +404,7 @@ def test_on_the_cpu_drawn_models_are_referenceunet_in_the_faster_layout_bit_for_
     reference = ReferenceUNet(in_channels, 2, base_channels, depth, *upsample)
     fast = UNet.from_reference(reference)
     reference = reference.to(memory_format=layout)
-    size = [2**depth * multiple + extra for multiple, extra in axes]
-    x = in_layout(torch.randn(batch, in_channels, *size), input_layout)
+    x = in_layout(torch.randn(batch, in_channels, *unet_size(depth, axes)), input_layout)
     with torch.set_grad_enabled(grad):
         out = fast(x)
         expected = reference(x.contiguous(memory_format=layout))

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from helpers import (
     KERNEL_DTYPES,
+    UPSAMPLE_MODES,
     assert_parity,
     assert_same_bits,
     backend_device,
@@ -221,17 +222,10 @@ def test_conv2d_relu(backend, dtype, n, c_in, c_out, h, w, kh, kw, padding, bias
     shapes = [(n, c_in, h, w), (c_out, c_in, kh, kw), (c_out,), (n, c_out, h_out, w_out)]
     specials = [SPECIALS, FINITE_SPECIALS, SPECIALS, SPECIALS]
     x, weight, b, grad_out = tensors(shapes, layouts, values, seed, dtype, device, specials)
-
-    def reference(x, weight, bias, padding, relu, negative_slope):
-        out = F.conv2d(x, weight, bias, padding=padding)
-        if not relu:
-            return out
-        return F.leaky_relu(out, negative_slope) if negative_slope else F.relu(out)
-
     relu, slope = activation is not None, activation or 0.0
     compare(
-        ops.conv2d_relu, reference, (x, weight, b if bias else None), grad_out, padding, relu,
-        slope, names=("out", "grad_x", "grad_weight", "grad_bias"),
+        ops.conv2d_relu, torch_conv2d_relu, (x, weight, b if bias else None), grad_out, padding,
+        relu, slope, names=("out", "grad_x", "grad_weight", "grad_bias"),
     )  # fmt: skip
 
 
@@ -248,7 +242,7 @@ def upsample_shapes(draw):
 @fuzz
 @given(
     shapes=upsample_shapes(),
-    mode=st.sampled_from([("nearest", False), ("bilinear", False), ("bilinear", True)]),
+    mode=UPSAMPLE_MODES,
     layouts=st.tuples(LAYOUTS_4D, LAYOUTS_4D, LAYOUTS_4D),
     values=st.sampled_from(VALUES),
     seed=SEEDS,
@@ -261,14 +255,8 @@ def test_upsample_concat(backend, dtype, shapes, mode, layouts, values, seed, sk
     grad_shape = (n, c_skip + c_x, h_out, w_out)
     x, skip, grad_out = tensors((*shapes, grad_shape), layouts, values, seed, dtype, device)
     copies = ("out", "grad_skip") if mode[0] == "nearest" else ("grad_skip",)
-
-    def reference(x, skip, mode, align_corners, skip_first):
-        aligned = align_corners if mode == "bilinear" else None
-        up = F.interpolate(x, size=skip.shape[-2:], mode=mode, align_corners=aligned)
-        return torch.cat([skip, up] if skip_first else [up, skip], 1)
-
     compare(
-        ops.upsample_concat, reference, (x, skip), grad_out, *mode, skip_first,
+        ops.upsample_concat, torch_upsample_concat, (x, skip), grad_out, *mode, skip_first,
         names=("out", "grad_x", "grad_skip"), bitwise=copies,
     )  # fmt: skip
 
@@ -308,7 +296,7 @@ def torch_decoder_conv(x, skip, weight, bias, padding, relu, mode, align_corners
     kernel=st.sampled_from([1, 3]),
     bias=st.booleans(),
     relu=st.booleans(),
-    mode=st.sampled_from([("nearest", False), ("bilinear", False), ("bilinear", True)]),
+    mode=UPSAMPLE_MODES,
     layouts=st.tuples(LAYOUTS_4D, LAYOUTS_4D, LAYOUTS_4D, LAYOUTS_1D, LAYOUTS_4D),
     values=st.sampled_from(VALUES),
     seed=SEEDS,

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import UNET_AXES, backend_device, in_layout
+from helpers import INPUT_LAYOUTS, UNET_AXES, UPSAMPLE_MODES, backend_device, in_layout, unet_size
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
@@ -213,8 +213,8 @@ def test_bad_arguments_get_a_clear_error(kwargs, match):
     depth=st.integers(1, 3),
     base_channels=st.integers(1, 4),
     axes=UNET_AXES,
-    upsample=st.sampled_from([("nearest", False), ("bilinear", False), ("bilinear", True)]),
-    layout=st.sampled_from(["contiguous", "channels_last", "strided", "permuted"]),
+    upsample=UPSAMPLE_MODES,
+    layout=INPUT_LAYOUTS,
     seed=st.integers(0, 2**32 - 1),
 )
 def test_drawn_models_match_the_reference(
@@ -226,6 +226,6 @@ def test_drawn_models_match_the_reference(
     torch.manual_seed(seed)
     device = backend_device(backend)
     reference, fast = make_pair(depth, base_channels, in_channels, num_classes, *upsample)
-    size = [2**depth * multiple + extra for multiple, extra in axes]
+    size = unet_size(depth, axes)
     x = in_layout(torch.randn(batch, in_channels, *size, device=device), layout)
     assert_same_results(reference.to(device), fast.to(device), x)
