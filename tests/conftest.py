@@ -49,14 +49,21 @@ def torch_backend(monkeypatch):
     monkeypatch.setenv("FASTUNET_BACKEND", "torch")
 
 
+@pytest.fixture
+def kernels_backend(monkeypatch):
+    """Every layer of a model runs fastunet's kernels (FASTUNET_BACKEND=fastunet): on a GPU the
+    per-layer choice is measured and may take PyTorch's path for a layer, which a test of the
+    kernels must not leave to chance. Its tensors belong on KERNEL_DEVICE."""
+    assert_kernel_backend("conv2d_relu", KERNEL_DEVICE, torch.float32)
+    monkeypatch.setenv("FASTUNET_BACKEND", "fastunet")
+
+
 @pytest.fixture(params=["kernels", "torch"])
 def backend(request):
-    """Run the test on each backend: "kernels" (the Triton kernels, in the interpreter without a
-    GPU, and `_C` for max-pool) and "torch" (the composite, FASTUNET_BACKEND=torch)."""
-    if request.param == "torch":
-        request.getfixturevalue("torch_backend")
-    else:
-        assert_kernel_backend("conv2d_relu", KERNEL_DEVICE, torch.float32)
+    """Run the test on each backend: "kernels" (`kernels_backend`: the Triton kernels, in the
+    interpreter without a GPU, and `_C` for max-pool) and "torch" (the composite,
+    FASTUNET_BACKEND=torch). Put the tensors on `helpers.backend_device(backend)`."""
+    request.getfixturevalue(f"{request.param}_backend")
     return request.param
 
 

@@ -491,7 +491,7 @@ class _LeakyDecoder(nn.Module):
     ],
     ids=["milesial", "leaky-upsampled-first"],
 )
-def test_kernels(build, ops):
+def test_kernels(build, ops, kernels_backend):
     """The same comparison with fastunet's kernels running (the interpreter on a CPU)."""
     torch.manual_seed(0)
     original = build().to(KERNEL_DEVICE).eval()

@@ -2,20 +2,21 @@
 
 import pytest
 import torch
+from helpers import KERNEL_DEVICE
 
 from fastunet import ReferenceUNet, UNet
 from fastunet.bench.parity import relative_error
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_unet_compiles_fullgraph_forward_and_backward(backend):
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_unet_compiles_fullgraph_forward_and_backward(compiler, kernels_backend):
     torch._dynamo.reset()
-    reference = ReferenceUNet(3, 2, 4, 2, upsample="bilinear")
+    reference = ReferenceUNet(3, 2, 4, 2, upsample="bilinear").to(KERNEL_DEVICE)
     eager = UNet.from_reference(reference)
     compiled_model = UNet.from_reference(reference)
-    compiled = torch.compile(compiled_model, fullgraph=True, backend=backend)
-    x = torch.randn(2, 3, 12, 10)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=compiler)
+    x = torch.randn(2, 3, 12, 10, device=KERNEL_DEVICE)
     out_eager, out = eager(x), compiled(x)
     assert relative_error(out, out_eager) <= 1e-5
     grad = torch.randn_like(out)

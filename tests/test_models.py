@@ -2,7 +2,15 @@
 
 import pytest
 import torch
-from helpers import INPUT_LAYOUTS, UNET_AXES, UPSAMPLE_MODES, backend_device, in_layout, unet_size
+from helpers import (
+    INPUT_LAYOUTS,
+    KERNEL_DEVICE,
+    UNET_AXES,
+    UPSAMPLE_MODES,
+    backend_device,
+    in_layout,
+    unet_size,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
@@ -64,10 +72,11 @@ def test_unet_matches_reference_fp32(torch_backend, batch, cin, h, w, depth, bas
 
 @pytest.mark.slow
 @pytest.mark.parametrize("upsample", ["nearest", "bilinear"])
-def test_unet_on_kernels_matches_reference(upsample):
+def test_unet_on_kernels_matches_reference(kernels_backend, upsample):
     """The whole model through the kernels (the interpreter on CPU), forward and backward."""
     reference, fast = make_pair(depth=2, base_channels=4, upsample=upsample)
-    assert_same_results(reference, fast, torch.randn(1, 3, 12, 10))
+    x = torch.randn(1, 3, 12, 10, device=KERNEL_DEVICE)
+    assert_same_results(reference.to(KERNEL_DEVICE), fast.to(KERNEL_DEVICE), x)
 
 
 def test_state_dict_round_trip_is_strict_and_exact():

@@ -179,14 +179,13 @@ def test_compiles_with_fullgraph():
     torch.testing.assert_close(compiled(*args), fused(*args))
 
 
-def test_unet_decoders_use_it(monkeypatch):
-    monkeypatch.setenv("FASTUNET_BACKEND", "fastunet")  # no layer may choose PyTorch's path
+def test_unet_decoders_use_it(kernels_backend, monkeypatch):
     calls = []
     real = ops.upsample_concat_conv2d_relu
     monkeypatch.setattr(ops, "upsample_concat_conv2d_relu", lambda *a: calls.append(1) or real(*a))
-    reference = ReferenceUNet(3, 2, 4, 2, upsample="bilinear")
+    reference = ReferenceUNet(3, 2, 4, 2, upsample="bilinear").to(KERNEL_DEVICE)
     fast = UNet.from_reference(reference)
-    x = torch.randn(1, 3, 12, 8)
+    x = torch.randn(1, 3, 12, 8, device=KERNEL_DEVICE)
     torch.testing.assert_close(fast(x), reference(x), rtol=1e-5, atol=1e-6)
     assert len(calls) == 2  # one per decoder level
     assert fast.state_dict().keys() == reference.state_dict().keys()
@@ -209,11 +208,10 @@ def saved_bytes(model, x) -> int:
     return sum(storages.values())
 
 
-def test_unet_saves_at_most_0_7x_what_the_reference_saves(monkeypatch):
-    monkeypatch.setenv("FASTUNET_BACKEND", "fastunet")
-    reference = ReferenceUNet(3, 2, 8, 4)
+def test_unet_saves_at_most_0_7x_what_the_reference_saves(kernels_backend):
+    reference = ReferenceUNet(3, 2, 8, 4).to(KERNEL_DEVICE)
     fast = UNet.from_reference(reference)
-    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    x = torch.randn(1, 3, 32, 32, device=KERNEL_DEVICE, requires_grad=True)
     ours, theirs = saved_bytes(fast, x), saved_bytes(reference, x)
     assert ours <= 0.7 * theirs, f"{ours} bytes saved against the reference's {theirs}"
 
