@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastunet import ReferenceUNet, UNet
+from fastunet.bench.parity import relative_error
 from fastunet.nn import Conv2dReLU
 from fastunet.ops import _choice
 
@@ -173,6 +174,46 @@ def test_a_new_process_reads_the_choice_and_gets_the_same_bits(cache, measured, 
     spy = Spy(ops.conv2d_relu)
     assert torch.equal(run_conv(layer, x, spy), first)
     assert spy.calls == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_on_a_gpu_each_layer_is_measured_once_and_a_new_process_reuses_it(
+    cache, monkeypatch, training
+):
+    """The measured choice as a GPU runs it, not injected: both paths of each layer timed with
+    CUDA events on the layer's own inputs (forward, or forward and backward). UNet then matches
+    ReferenceUNet; a second call, and a new process reading the file, measure nothing and take
+    the same paths, with the same bits in the forward."""
+    torch.manual_seed(0)
+    reference = ReferenceUNet(3, 2, 8, 2).cuda()
+    fast = UNet.from_reference(reference)
+    x = torch.randn(2, 3, 24, 20, device="cuda", requires_grad=training)
+
+    def run(model):
+        model.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(training), _choice.recording() as calls:
+            out = model(x)
+        if training:
+            out.sum().backward()
+        grads = [p.grad for p in model.parameters()] if training else []
+        return out, grads, [choice for _, choice in calls]
+
+    out, grads, choices = run(fast)
+    # 6 encoder convs, 2 pools, per decoder level the fused upsample-concat-conv and a conv,
+    # the head
+    assert len(choices) == 13
+    assert all(choice.reason.startswith("measured: ") for choice in choices)
+    expected, expected_grads, _ = run(reference)
+    assert relative_error(out, expected) <= 1e-5
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        assert relative_error(grad, expected_grad) <= 1e-5
+    no_measuring(monkeypatch)
+    for _ in range(2):  # this process, then a new one that reads the file
+        again, _, choices_again = run(fast)
+        assert choices_again == choices
+        assert torch.equal(again, out)
+        new_process(monkeypatch)
 
 
 def test_a_stale_cache_is_ignored_with_a_warning(cache, measured, monkeypatch):
