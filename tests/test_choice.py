@@ -642,3 +642,44 @@ def test_a_checkpoint_recomputing_in_another_layout_gives_that_layouts_gradients
     assert torch.equal(x.grad, x_cl.grad)
     for (name, a), b in zip(fast.named_parameters(), reference_cl.parameters(), strict=True):
         assert torch.equal(a.grad, b.grad), name
+
+
+TUNE = ["tune", "--device", "cpu", "--batch", "2", "--size", "16", "--base-channels", "2",
+        "--depth", "2", "--dtype", "fp32"]  # fmt: skip
+
+
+def test_tune_fills_the_cache_so_a_new_process_measures_nothing(
+    cache, measured, monkeypatch, capsys
+):
+    """`fastunet tune` measures each layer of the model's inference and its training step
+    once, as a GPU does, and saves them: the same model in a new process reads them all."""
+    from fastunet.cli import main
+
+    measured.times = {"fastunet": 2.0, "torch": 1.0}
+    assert main([*TUNE, "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    # 13 layers, 11 shapes (each decoder's second conv has an encoder conv's), in 2 passes
+    assert len(table) == measured.calls == 22
+    assert {key.split("|")[2] for key in table} == {"forward", "forward+backward"}
+    assert all(entry["path"] == "torch" for entry in table.values())
+    new_process(monkeypatch)
+    no_measuring(monkeypatch)
+    model = UNet(3, 2, 2, 2)
+    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    with _choice.recording() as calls:
+        with torch.no_grad():
+            model(x)
+        model(x).sum().backward()
+    assert {key for key, _ in calls} == set(table)
+
+
+def test_tune_on_the_cpu_measures_the_layout_and_says_where_it_keeps_it(
+    cache, cpu_rule, layout_times, capsys
+):
+    from fastunet.cli import main
+
+    assert main(TUNE) == 0
+    out = capsys.readouterr().out
+    assert layout_times.calls == 2  # inference and the training step
+    assert "22 layer shapes: 0 fastunet, 22 torch" in out
+    assert str(_choice.cache_file(torch.device("cpu"))) in out
