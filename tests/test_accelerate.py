@@ -321,6 +321,73 @@ def test_left_patterns_still_match(torch_backend):
     assert "used elsewhere" in rows[("(model)", "upsample + cat([skip, up])")].why
 
 
+class _Conv2dSubclass(nn.Conv2d):
+    pass
+
+
+class _MaxPool2dSubclass(nn.MaxPool2d):
+    pass
+
+
+def _weight_normed_conv() -> nn.Conv2d:
+    return nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3, padding=1))
+
+
+def _hooked(layer: nn.Module) -> nn.Module:
+    layer.register_forward_hook(lambda module, args, out: None)
+    return layer
+
+
+# (layer, its reason to be left, or "" where an op computes it), each tried before a ReLU.
+LAYERS = {
+    "conv-valid": (lambda: nn.Conv2d(3, 4, 3, padding="valid"), ""),
+    "conv-same": (lambda: nn.Conv2d(3, 4, 3, padding="same"), ""),
+    "conv-1x1-no-bias": (lambda: nn.Conv2d(3, 4, 1, bias=False), ""),
+    "conv-5x5": (lambda: nn.Conv2d(3, 4, 5, padding=2), ""),
+    "conv-stride": (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), "stride (2, 2)"),
+    "conv-dilation": (lambda: nn.Conv2d(3, 4, 3, padding=2, dilation=2), "dilation (2, 2)"),
+    "conv-groups": (lambda: nn.Conv2d(3, 6, 3, padding=1, groups=3), "groups=3"),
+    "conv-reflect": (lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+                     "padding_mode='reflect'"),
+    "conv-same-3x5": (lambda: nn.Conv2d(3, 4, (3, 5), padding="same"), "not one symmetric"),
+    "conv-padding-1x2": (lambda: nn.Conv2d(3, 4, 3, padding=(1, 2)), "pads H and W alike"),
+    "conv-subclass": (lambda: _Conv2dSubclass(3, 4, 3, padding=1), "subclasses nn.Conv2d"),
+    "conv-weight-norm": (_weight_normed_conv, "parametrized"),
+    "conv-hooked": (lambda: _hooked(nn.Conv2d(3, 4, 3, padding=1)), "hooks"),
+    "pool": (lambda: nn.MaxPool2d((2, 2)), ""),
+    "pool-3": (lambda: nn.MaxPool2d(3), "kernel_size=3"),
+    "pool-stride-1": (lambda: nn.MaxPool2d(2, stride=1), "stride=1"),
+    "pool-padding": (lambda: nn.MaxPool2d(2, padding=1), "padding=1"),
+    "pool-dilation": (lambda: nn.MaxPool2d(2, dilation=2), "dilation=2"),
+    "pool-ceil": (lambda: nn.MaxPool2d(2, ceil_mode=True), "ceil_mode"),
+    "pool-subclass": (lambda: _MaxPool2dSubclass(2), "subclasses nn.MaxPool2d"),
+    "pool-hooked": (lambda: _hooked(nn.MaxPool2d(2)), "hooks"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_a_layer_the_ops_do_not_compute_is_left_and_says_why(name, torch_backend):
+    """Each variant of Conv2d and MaxPool2d either runs on an op that computes it exactly or is
+    left as it is with its reason; either way the model's results are the original's."""
+    build, why = LAYERS[name]
+    torch.manual_seed(0)
+    layer = build()
+    channels = layer(torch.randn(1, 3, 9, 8)).shape[1]
+    original = nn.Sequential(layer, nn.ReLU(), nn.Conv2d(channels, 2, 1))  # a pool has no weights
+    fast = fastunet.accelerate(original)
+    (row, *_) = fastunet.acceleration_report(fast).rows
+    assert row.module == "0"
+    if why:
+        assert row.runs_on == "PyTorch (left)" and why in row.why, row
+    else:
+        assert row.runs_on in (CONV, "fastunet::max_pool2d"), row
+    x = torch.randn(2, 3, 9, 8)
+    for training in (False, True):
+        original.train(training)
+        fast.train(training)
+        compare(original, fast, x, count=False)
+
+
 def test_value_branch_is_reported(torch_backend):
     fast = fastunet.accelerate(_ValueBranch())
     fast(torch.randn(1, 3, 8, 8))

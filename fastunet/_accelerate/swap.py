@@ -43,6 +43,8 @@ def join(path: str, name: str) -> str:
 
 def conv_padding(conv: nn.Module) -> tuple[int | None, str]:
     """(the op's padding, "") for a Conv2d that fastunet's op computes, else (None, why not)."""
+    if nn.utils.parametrize.is_parametrized(conv):  # before the subclass check: it is one
+        return None, "its weight is parametrized"
     if type(conv) is not nn.Conv2d:
         if isinstance(conv, nn.Conv2d):
             return None, f"{type(conv).__name__} subclasses nn.Conv2d: its forward may differ"
@@ -57,8 +59,6 @@ def conv_padding(conv: nn.Module) -> tuple[int | None, str]:
         return None, f"padding_mode={conv.padding_mode!r}: the op pads with zeros"
     if has_hooks(conv):
         return None, "it has hooks"
-    if nn.utils.parametrize.is_parametrized(conv):
-        return None, "its weight is parametrized"
     padding = conv.padding
     if padding == "valid":
         return 0, ""
