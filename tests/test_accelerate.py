@@ -654,3 +654,52 @@ def test_a_replaced_decoder_hands_on_the_layout_torch_cat_would(torch_backend):
             model(x), model(x)  # the first call traces, the second runs the trace
         handle.remove()
     assert seen["fast"] == seen["original"] == (16, 4, 2, 1)
+
+
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # mkldnn.flags warns
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("library", ["on", "off"], ids=["cudnn-or-onednn-on", "off"])
+@pytest.mark.parametrize("input_layout", LAYOUTS.values(), ids=[f"x-{k}" for k in LAYOUTS])
+@pytest.mark.parametrize("weight_layout", LAYOUTS.values(), ids=[f"w-{k}" for k in LAYOUTS])
+def test_a_replaced_conv_hands_on_the_layout_pytorchs_would(
+    kernels_backend, device, dtype, library, input_layout, weight_layout
+):
+    """On the CPU a convolution computes channels_last where its input or weight is, with
+    oneDNN or without; on CUDA only where cuDNN runs it (not float64, not with cuDNN off)."""
+    original = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()).to(device, dtype)
+    original = original.to(memory_format=weight_layout)
+    fast = fastunet.accelerate(original)
+    x = torch.randn(2, 3, 6, 5, device=device, dtype=dtype).contiguous(memory_format=input_layout)
+    flags = torch.backends.cudnn if device == "cuda" else torch.backends.mkldnn
+    with flags.flags(enabled=library == "on"), torch.no_grad():
+        expected, out = original(x), fast(x)
+    torch.testing.assert_close(out, expected)
+    assert out.stride() == expected.stride()
+
+
+def test_the_conv_layout_rule_on_cuda_tensors_without_a_gpu(monkeypatch):
+    """The rule's CUDA branch, on fake CUDA tensors (the test above checks it against PyTorch's
+    convolution on a GPU)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+
+    def empty(*shape, layout=torch.contiguous_format, dtype=torch.float32):
+        return torch.empty(shape, device="cuda", dtype=dtype, memory_format=layout)
+
+    nhwc = torch.channels_last
+    with FakeTensorMode():
+        x, x_nhwc, weight = empty(2, 3, 6, 5), empty(2, 3, 6, 5, layout=nhwc), empty(4, 3, 3, 3)
+        assert modules.conv_layout(x_nhwc, weight) is nhwc
+        assert modules.conv_layout(x, weight) is torch.contiguous_format
+        assert modules.conv_layout(x, empty(4, 3, 3, 3, layout=nhwc)) is nhwc
+        x_double = empty(2, 3, 6, 5, layout=nhwc, dtype=torch.float64)
+        assert modules.conv_layout(x_double, weight) is torch.contiguous_format
+        with torch.backends.cudnn.flags(enabled=False):
+            assert modules.conv_layout(x_nhwc, weight) is torch.contiguous_format
+        monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: False)
+        assert modules.conv_layout(x_nhwc, weight) is torch.contiguous_format

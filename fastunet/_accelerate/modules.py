@@ -31,7 +31,7 @@ from fastunet.ops._choice import (
     run_layer,
     runs_pytorch_by_rule,
 )
-from fastunet.ops._common import memory_format_of
+from fastunet.ops._common import CHANNELS_LAST, memory_format_of
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -184,21 +184,37 @@ class FusedConv2d(nn.Conv2d):
             "conv2d_relu", ops.conv2d_relu, x, weight, bias, self.padding[0],
             negative_slope is not None, negative_slope or 0.0,
         )  # fmt: skip
-        return out.contiguous(memory_format=pytorch_layout(x, weight, any_of=True))
+        return out.contiguous(memory_format=conv_layout(x, weight))
 
     def extra_repr(self) -> str:
         folded = f", folds={self.chain.describe()!r}" if self.chain is not None else ""
         return super().extra_repr() + folded
 
 
-def pytorch_layout(a: Tensor, b: Tensor, any_of: bool) -> torch.memory_format:
-    """The layout PyTorch's own op gives its output, from its two inputs' layouts: a
-    convolution computes channels_last where its input or its weight is (any_of), a cat of
-    [skip, interpolate(x)] where both are (interpolate keeps x's layout). fastunet's ops return
-    channels_last; a replaced layer hands on what the layer it replaces would have."""
-    a_cl, b_cl = (memory_format_of(t) == torch.channels_last for t in (a, b))
-    channels_last = (a_cl or b_cl) if any_of else (a_cl and b_cl)
-    return torch.channels_last if channels_last else torch.contiguous_format
+# fastunet's ops return channels_last; a replaced layer hands on the layout that the PyTorch layer
+# it replaces would have given.
+
+
+def conv_layout(x: Tensor, weight: Tensor) -> torch.memory_format:
+    """The layout of PyTorch's convolution output: channels_last where its input or its weight
+    is, except on CUDA without cuDNN (float64, which cuDNN is not asked to compute channels_last,
+    or cuDNN off or not built), where PyTorch's fallback computes NCHW."""
+    if CHANNELS_LAST not in (memory_format_of(x), memory_format_of(weight)):
+        return torch.contiguous_format
+    if x.is_cuda and (
+        x.dtype == torch.float64
+        or not torch.backends.cudnn.enabled
+        or not torch.backends.cudnn.is_available()
+    ):
+        return torch.contiguous_format
+    return CHANNELS_LAST
+
+
+def cat_layout(skip: Tensor, x: Tensor) -> torch.memory_format:
+    """The layout of torch.cat([skip, interpolate(x)]): channels_last where both are
+    (interpolate keeps x's)."""
+    both = memory_format_of(skip) is CHANNELS_LAST and memory_format_of(x) is CHANNELS_LAST
+    return CHANNELS_LAST if both else torch.contiguous_format
 
 
 class _FoldedInto:
@@ -278,7 +294,7 @@ def upsample_concat(
         out = run_layer(
             "upsample_concat", ops.upsample_concat, x, skip, mode, align_corners, skip_first
         )
-        return out.contiguous(memory_format=pytorch_layout(skip, x, any_of=False))
+        return out.contiguous(memory_format=cat_layout(skip, x))
     aligned = align_corners if mode == "bilinear" else None
     up = F.interpolate(x, size=skip.shape[-2:], mode=mode, align_corners=aligned)
     return torch.cat([skip, up] if skip_first else [up, skip], 1)
