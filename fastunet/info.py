@@ -3,7 +3,9 @@ how each layer's path is chosen."""
 
 from __future__ import annotations
 
+import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -21,6 +23,22 @@ def _native_extension() -> dict:
     return {"built": True, **built}
 
 
+def cpu_name() -> str:
+    """The CPU's model name, its core count and the instruction sets that set its bf16 speed
+    (Linux's /proc/cpuinfo; elsewhere the platform's name): CPU timings from two machines of one
+    architecture can differ several times over."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    bf16 = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in fields.get("flags", "").split()]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name}, {cores} cores" + "".join(f", {flag}" for flag in bf16)
+
+
 def info(device: torch.device | str | None = None) -> dict:
     """What fastunet will run on `device` (default: the current CUDA device, else the CPU)."""
     if device is None:
@@ -30,7 +48,7 @@ def info(device: torch.device | str | None = None) -> dict:
         device_name = torch.cuda.get_device_name(device)
         capability = "sm_{}{}".format(*torch.cuda.get_device_capability(device))
     else:
-        device_name, capability = platform.processor() or platform.machine(), None
+        device_name, capability = cpu_name(), None
     return {
         "fastunet": __version__,
         "python": platform.python_version(),

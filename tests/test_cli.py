@@ -11,6 +11,7 @@ from fastunet.cli import main
 def test_info_reports_every_op_with_a_reason():
     report = fastunet.info("cpu")
     assert report["fastunet"] == fastunet.__version__
+    assert report["device_name"].endswith(("cores", "bf16"))  # a CPU: its model, cores, bf16 units
     assert set(report["ops"]) == {
         "conv2d_relu", "upsample_concat", "max_pool2d", "upsample_concat_conv2d_relu"
     }  # fmt: skip
@@ -30,6 +31,17 @@ def test_parity_command_reports_small_errors(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["fastunet"]["output"] <= 1e-5
     assert result["fastunet"]["grad_params"] <= 1e-5
+
+
+def test_parity_command_prints_a_table(capsys):
+    assert main(["parity", "--size", "16", "--depth", "2", "--base-channels", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("relative error against ReferenceUNet in float64, ")
+    assert lines[1].split() == ["output", "grad_input", "grad_params"]
+    for line, row in zip(lines[2:], ("reference", "fastunet", "ratio"), strict=True):
+        name, *values = line.split()
+        assert name == row and len(values) == 3
+        assert all(float(value) >= 0 for value in values)
 
 
 @pytest.mark.parametrize("argv", [["parity", "--size", "0"], ["parity", "--dtype", "fp8"], []])
