@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from fastunet import ReferenceUNet, UNet
 from fastunet.bench.parity import relative_error
+from fastunet.cli import main
 from fastunet.nn import Conv2dReLU
 from fastunet.ops import _choice
 
@@ -653,8 +654,6 @@ def test_tune_fills_the_cache_so_a_new_process_measures_nothing(
 ):
     """`fastunet tune` measures each layer of the model's inference and its training step
     once, as a GPU does, and saves them: the same model in a new process reads them all."""
-    from fastunet.cli import main
-
     measured.times = {"fastunet": 2.0, "torch": 1.0}
     assert main([*TUNE, "--json"]) == 0
     table = json.loads(capsys.readouterr().out)
@@ -676,8 +675,6 @@ def test_tune_fills_the_cache_so_a_new_process_measures_nothing(
 def test_tune_on_the_cpu_measures_the_layout_and_says_where_it_keeps_it(
     cache, cpu_rule, layout_times, capsys
 ):
-    from fastunet.cli import main
-
     assert main(TUNE) == 0
     out = capsys.readouterr().out
     assert layout_times.calls == 2  # inference and the training step

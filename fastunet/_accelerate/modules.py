@@ -197,8 +197,8 @@ class FusedConv2d(nn.Conv2d):
 
 def conv_layout(x: Tensor, weight: Tensor) -> torch.memory_format:
     """The layout of PyTorch's convolution output: channels_last where its input or its weight
-    is, except on CUDA without cuDNN (float64, which cuDNN is not asked to compute channels_last,
-    or cuDNN off or not built), where PyTorch's fallback computes NCHW."""
+    is, except on CUDA where cuDNN does not compute it: for float64 PyTorch asks cuDNN for NCHW,
+    and with cuDNN off or not built its own CUDA kernels compute NCHW."""
     if CHANNELS_LAST not in (memory_format_of(x), memory_format_of(weight)):
         return torch.contiguous_format
     if x.is_cuda and (
