@@ -496,6 +496,29 @@ def test_on_the_cpu_a_layer_called_alone_runs_as_written(monkeypatch):
     assert torch.equal(fast.downs[0](features), original.downs[0](features))
 
 
+def test_on_the_cpu_a_traced_forward_runs_its_code_as_written(monkeypatch):
+    """Under the CPU rule every layer of a traced forward takes PyTorch's path, so the code as
+    written runs, not the rewritten graph and its per-layer calls (about 10 us a decoder)."""
+    monkeypatch.setattr(_choice, "INTERPRET", False)
+    torch.manual_seed(0)
+    original = MilesialStyleUNet(3, 2, 2, 1).eval()
+    fast = fastunet.accelerate(copy.deepcopy(original))
+    x = torch.randn(1, 3, 8, 8)
+    fast(x)  # the first call with these shapes runs as written, and traces
+    assert fast.ups[0].forward.traced  # the rewritten graph is there for other devices
+    up_class = type(fast.ups[0])
+    as_written = up_class.forward
+    calls = []
+    monkeypatch.setattr(
+        up_class, "forward", lambda self, *a: calls.append(1) or as_written(self, *a)
+    )
+    assert torch.equal(fast(x), original(x))
+    assert len(calls) == 2  # fast's decoder as written, then original's
+    with _choice.recording():  # a recorded call runs the graph, whose layers it counts
+        fast(x)
+    assert len(calls) == 2
+
+
 def test_an_error_in_the_forward_leaves_no_rule_behind(monkeypatch):
     monkeypatch.setattr(_choice, "INTERPRET", False)
     fast = fastunet.accelerate(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))

@@ -46,6 +46,7 @@ from fastunet._accelerate.modules import (
 )
 from fastunet._accelerate.report import LEFT, AccelerationReport
 from fastunet._accelerate.swap import CONV_OP, POOL_OP, is_plain_sequential
+from fastunet.ops._choice import inside_pytorch_by_rule
 
 UPSAMPLE_OP = "fastunet::upsample_concat"
 # A forward is traced only if its code names one of these (by attribute or global name).
@@ -612,6 +613,8 @@ class TracedForward:
             return type(module).forward(module, *args, **kwargs)
         if key in self.traced:
             generated, fused_layers = self.traced[key]
+            if inside_pytorch_by_rule():  # its layers all take PyTorch's path: as written
+                return type(module).forward(module, *values)
             if generated is None or any(observed(layer) for layer in fused_layers):
                 return type(module).forward(module, *values)  # a hook sees each layer's output
             return generated(module, *values)
