@@ -14,8 +14,12 @@ case), fp32 on the CPU:
   PyTorch's own first call pays for its lazy set-up (cuDNN, oneDNN) too. Then the time of
   Triton's `triton_key()`, which hashes Triton's own library (hundreds of MB) once in every
   process, at its first kernel launch or cache lookup: 0.4-1.1 s on the 2-core CI machine.
-Times are wall-clock, synchronised, after the model and input are on the device. Writes
-OUT_DIR/startup.json and prints one line per figure.
+Times are wall-clock, synchronised, after the model and input are on the device. The first
+step of "cold" and "warm" is also split ("first_step_parts"): seconds in Triton's compiler
+(a cache hit too: loading the kernel, and once a process hashing Triton's library), in the
+autotuner's timing of tiles, in the per-layer choice's timing of both paths, and the rest, each
+counted once (a compile inside a timing run counts as compile). Writes OUT_DIR/startup.json and
+prints one line per figure.
 """
 
 from __future__ import annotations
@@ -34,6 +38,62 @@ COLD_STEP_TARGET_S = 60.0
 WARM_FORWARD_TARGET_RATIO = 2.0
 STEADY_REPEATS = 5
 PHASES = ("cold", "warm", "reference")
+
+
+class Parts:
+    """Exclusive seconds and calls of the start-up's parts, counted while `on`: a part's time
+    excludes the parts nested in it."""
+
+    KINDS = ("triton_compile", "autotune_timing", "choice_timing")
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(self.KINDS, 0.0)
+        self.calls = dict.fromkeys(self.KINDS, 0)
+        self.on = False
+        self.clock = time.perf_counter
+        self._nested: list[float] = []
+
+    def wrap(self, kind_of, fn):
+        """fn, timed as the part `kind_of(caller's function name)` names (None: not a part)."""
+
+        def timed(*args, **kwargs):
+            kind = kind_of(sys._getframe(1).f_code.co_name) if self.on else None
+            if kind is None:
+                return fn(*args, **kwargs)
+            start = self.clock()
+            self._nested.append(0.0)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed, nested = self.clock() - start, self._nested.pop()
+                self.seconds[kind] += elapsed - nested
+                self.calls[kind] += 1
+                if self._nested:
+                    self._nested[-1] += elapsed
+
+        return timed
+
+    def install(self) -> None:
+        """Times Triton's compile (JIT functions take it from triton.compiler when they first
+        launch) and triton.testing.do_bench as the autotuner (fastunet's `_tuning_bench`) and
+        the per-layer choice (`_do_bench_ms`) call it."""
+        import triton.compiler
+        import triton.testing
+
+        from fastunet.kernels import conv2d_relu
+        from fastunet.ops import _timing
+
+        triton.compiler.compile = self.wrap(lambda caller: "triton_compile",
+                                            triton.compiler.compile)  # fmt: skip
+        callers = {conv2d_relu._tuning_bench.__name__: "autotune_timing",
+                   _timing._do_bench_ms.__name__: "choice_timing"}  # fmt: skip
+        triton.testing.do_bench = self.wrap(callers.get, triton.testing.do_bench)
+
+    def of(self, total_s: float) -> dict:
+        parts = {f"{kind}_s": self.seconds[kind] for kind in self.KINDS}
+        parts |= {f"{kind}_calls": self.calls[kind] for kind in self.KINDS}
+        parts["other_s"] = total_s - sum(self.seconds.values())
+        return parts
 
 
 def child(phase: str, args: argparse.Namespace) -> dict:
@@ -79,13 +139,28 @@ def child(phase: str, args: argparse.Namespace) -> dict:
     def steady(step) -> float:
         return statistics.median(seconds(step) for _ in range(STEADY_REPEATS))
 
+    parts = Parts()
+    if phase != "reference":
+        parts.install()
+
+    def first_step(step) -> tuple[float, dict]:
+        parts.on = True
+        total = seconds(step)
+        parts.on = False
+        return total, parts.of(total)
+
     if phase == "cold":
-        first = seconds(train_step)
-        figures = {"first_training_step_s": first, "steady_training_step_s": steady(train_step)}
+        first, split = first_step(train_step)
+        figures = {"first_training_step_s": first, "first_step_parts": split,
+                   "steady_training_step_s": steady(train_step)}  # fmt: skip
         figures["first_forward_s"] = seconds(forward)  # its choices go into the caches too
         return figures
-    first = seconds(forward)
-    figures = {"first_forward_s": first, "steady_forward_s": steady(forward)}
+    if phase == "warm":
+        first, split = first_step(forward)
+        figures = {"first_forward_s": first, "first_step_parts": split}
+    else:
+        figures = {"first_forward_s": seconds(forward)}
+    figures["steady_forward_s"] = steady(forward)
     if phase == "warm":
         figures["first_training_step_s"] = seconds(train_step)
     else:  # what any process's first Triton launch pays to key Triton's cache (not run here)
@@ -151,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
         f"cold: first training step {cold['first_training_step_s']:.2f} s "
         f"(target < {COLD_STEP_TARGET_S:.0f} s), steady {cold['steady_training_step_s']:.4f} s"
     )
+    for phase in ("cold", "warm"):
+        split = phases[phase]["first_step_parts"]
+        print(f"{phase} first step: " + ", ".join(
+            f"{kind} {split[f'{kind}_s']:.2f} s ({split[f'{kind}_calls']} calls)"
+            for kind in Parts.KINDS
+        ) + f", other {split['other_s']:.2f} s")  # fmt: skip
     print(f"warm: first forward {warm['first_forward_s']:.4f} s, steady "
           f"{warm['steady_forward_s']:.4f} s: {ratio:.2f}x (target <= "
           f"{WARM_FORWARD_TARGET_RATIO:g}x); first training step "

@@ -1,5 +1,6 @@
 """`fastunet bench` on a CPU-only machine, and the FLOP and byte counts behind its rates."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -183,8 +184,51 @@ def test_startup_script_times_cold_warm_and_reference_processes(tmp_path):
         "reference": {"first_forward_s", "steady_forward_s", "triton_key_s"},
     }
     for phase, names in figures.items():
-        assert set(result[phase]) == names | {"process_s"}, phase
+        parts = {"first_step_parts"} if phase != "reference" else set()
+        assert set(result[phase]) == names | parts | {"process_s"}, phase
         assert all(result[phase][name] > 0 for name in names), phase
+    for phase, first in (("cold", "first_training_step_s"), ("warm", "first_forward_s")):
+        parts = result[phase]["first_step_parts"]
+        # On the CPU every layer takes aten's path by rule: nothing compiles, tunes or is timed.
+        assert parts["triton_compile_calls"] == parts["autotune_timing_calls"] == 0
+        assert parts["choice_timing_calls"] == 0
+        assert parts["other_s"] == result[phase][first]
     warm = result["warm"]
     assert result["warm_first_forward_ratio"] == warm["first_forward_s"] / warm["steady_forward_s"]
     assert "cold: first training step" in done.stdout
+
+
+def test_startup_parts_count_each_second_once():
+    """startup.py's split of a first step: a part's time leaves out the parts nested in it, a
+    call is a part by its caller's name, and nothing counts while the split is off."""
+    path = Path(__file__).parents[1] / "benchmarks" / "startup.py"
+    spec = importlib.util.spec_from_file_location("startup", path)
+    startup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(startup)
+    parts, now = startup.Parts(), [0.0]
+    parts.clock = lambda: now[0]
+
+    def advance(seconds):
+        now[0] += seconds
+
+    compile_ = parts.wrap(lambda caller: "triton_compile", lambda: advance(2))
+    do_bench = parts.wrap(
+        {"_tuning_bench": "autotune_timing"}.get, lambda: compile_() or advance(3)
+    )
+
+    def _tuning_bench():
+        return do_bench()
+
+    def elsewhere():
+        return do_bench()
+
+    parts.on = True
+    _tuning_bench()
+    elsewhere()  # not a part: its 3 s are the rest's, its compile is a compile
+    parts.on = False
+    _tuning_bench()
+    assert now[0] == 15
+    split = parts.of(total_s=10)  # the first 10 s ran while the split was on
+    assert split["triton_compile_s"] == 4 and split["triton_compile_calls"] == 2
+    assert split["autotune_timing_s"] == 3 and split["autotune_timing_calls"] == 1
+    assert split["choice_timing_s"] == 0 and split["other_s"] == 3
