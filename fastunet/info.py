@@ -35,8 +35,9 @@ def cpu_name() -> str:
     fields = {key.strip(): value.strip() for key, value in fields.items()}
     name = fields.get("model name") or platform.processor() or platform.machine()
     bf16 = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in fields.get("flags", "").split()]
+    # The CPUs this process may run on (hyperthreads count), not the machine's.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{name}, {cores} cores" + "".join(f", {flag}" for flag in bf16)
+    return f"{name}, {cores or '?'} cores" + "".join(f", {flag}" for flag in bf16)
 
 
 def info(device: torch.device | str | None = None) -> dict:

@@ -505,7 +505,7 @@ def test_on_the_cpu_a_traced_forward_runs_its_code_as_written(monkeypatch):
     fast = fastunet.accelerate(copy.deepcopy(original))
     x = torch.randn(1, 3, 8, 8)
     fast(x)  # the first call with these shapes runs as written, and traces
-    assert fast.ups[0].forward.traced  # the rewritten graph is there for other devices
+    assert fast.ups[0].forward.traced  # the graph, for recorded calls and a forced backend
     up_class = type(fast.ups[0])
     as_written = up_class.forward
     calls = []
@@ -698,8 +698,24 @@ def test_a_replaced_conv_hands_on_the_layout_pytorchs_would(
     fast = fastunet.accelerate(original)
     x = torch.randn(2, 3, 6, 5, device=device, dtype=dtype).contiguous(memory_format=input_layout)
     flags = torch.backends.cudnn if device == "cuda" else torch.backends.mkldnn
-    with flags.flags(enabled=library == "on"), torch.no_grad():
+    # flags() turns TF32 on unless told; the kernels follow cuDNN's setting, PyTorch's fallback
+    # without cuDNN does not.
+    with flags.flags(enabled=library == "on", allow_tf32=False), torch.no_grad():
         expected, out = original(x), fast(x)
+    torch.testing.assert_close(out, expected)
+    assert out.stride() == expected.stride()
+
+
+@pytest.mark.gpu
+def test_a_replaced_conv_on_cuda_compiles_fullgraph_with_its_layout_rule(kernels_backend):
+    """The rule's cuDNN checks are read where torch.compile can trace them."""
+    original = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()).cuda()
+    original = original.to(memory_format=torch.channels_last)
+    fast = fastunet.accelerate(original)
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 6, 5, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected, out = original(x), compiled(x)
     torch.testing.assert_close(out, expected)
     assert out.stride() == expected.stride()
 
@@ -709,7 +725,7 @@ def test_the_conv_layout_rule_on_cuda_tensors_without_a_gpu(monkeypatch):
     convolution on a GPU)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(modules, "CUDNN_BUILT", True)
 
     def empty(*shape, layout=torch.contiguous_format, dtype=torch.float32):
         return torch.empty(shape, device="cuda", dtype=dtype, memory_format=layout)
@@ -724,5 +740,5 @@ def test_the_conv_layout_rule_on_cuda_tensors_without_a_gpu(monkeypatch):
         assert modules.conv_layout(x_double, weight) is torch.contiguous_format
         with torch.backends.cudnn.flags(enabled=False):
             assert modules.conv_layout(x_nhwc, weight) is torch.contiguous_format
-        monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: False)
+        monkeypatch.setattr(modules, "CUDNN_BUILT", False)
         assert modules.conv_layout(x_nhwc, weight) is torch.contiguous_format

@@ -27,7 +27,7 @@ from fastunet import ReferenceUNet, UNet
 from fastunet.bench.parity import relative_error
 from fastunet.cli import main
 from fastunet.nn import Conv2dReLU
-from fastunet.ops import _choice
+from fastunet.ops import _backend, _choice
 
 
 @pytest.fixture
@@ -186,6 +186,8 @@ def test_on_a_gpu_each_layer_is_measured_once_and_a_new_process_reuses_it(
     CUDA events on the layer's own inputs (forward, or forward and backward). UNet then matches
     ReferenceUNet; a second call, and a new process reading the file, measure nothing and take
     the same paths, with the same bits in the forward."""
+    pool = _backend.choose("max_pool2d", "cuda", torch.float32)
+    assert pool.name == "_C.cuda", f"the pools would not be measured: {pool.reason}"
     torch.manual_seed(0)
     reference = ReferenceUNet(3, 2, 8, 2).cuda()
     fast = UNet.from_reference(reference)

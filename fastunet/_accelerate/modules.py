@@ -195,16 +195,20 @@ class FusedConv2d(nn.Conv2d):
 # it replaces would have given.
 
 
+# Read once: torch.compile cannot trace the call, and a build does not gain cuDNN.
+CUDNN_BUILT = torch.backends.cudnn.is_available()
+
+
 def conv_layout(x: Tensor, weight: Tensor) -> torch.memory_format:
     """The layout of PyTorch's convolution output: channels_last where its input or its weight
     is, except on CUDA where cuDNN does not compute it: for float64 PyTorch asks cuDNN for NCHW,
-    and with cuDNN off or not built its own CUDA kernels compute NCHW."""
+    and with cuDNN off or not built its own CUDA kernels compute NCHW. (Not covered: bf16 on
+    GPUs before Ampere and inputs too large for cuDNN, which PyTorch's own kernels compute NCHW
+    too.)"""
     if CHANNELS_LAST not in (memory_format_of(x), memory_format_of(weight)):
         return torch.contiguous_format
     if x.is_cuda and (
-        x.dtype == torch.float64
-        or not torch.backends.cudnn.enabled
-        or not torch.backends.cudnn.is_available()
+        x.dtype == torch.float64 or not CUDNN_BUILT or not torch.backends.cudnn.enabled
     ):
         return torch.contiguous_format
     return CHANNELS_LAST

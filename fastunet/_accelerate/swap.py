@@ -43,12 +43,12 @@ def join(path: str, name: str) -> str:
 
 def conv_padding(conv: nn.Module) -> tuple[int | None, str]:
     """(the op's padding, "") for a Conv2d that fastunet's op computes, else (None, why not)."""
+    if not isinstance(conv, nn.Conv2d):
+        return None, f"{type(conv).__name__}: only nn.Conv2d has a fastunet op"
     if nn.utils.parametrize.is_parametrized(conv):  # before the subclass check: it is one
         return None, "its weight is parametrized"
     if type(conv) is not nn.Conv2d:
-        if isinstance(conv, nn.Conv2d):
-            return None, f"{type(conv).__name__} subclasses nn.Conv2d: its forward may differ"
-        return None, f"{type(conv).__name__}: only nn.Conv2d has a fastunet op"
+        return None, f"{type(conv).__name__} subclasses nn.Conv2d: its forward may differ"
     if conv.stride != (1, 1):
         return None, f"stride {conv.stride}: the op is stride 1"
     if conv.dilation != (1, 1):
