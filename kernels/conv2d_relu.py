@@ -354,10 +354,15 @@ def _relu_grad_kernel(
 
 
 def _input_precision(x: torch.Tensor) -> str:
-    """TF32 for fp32 exactly when cuDNN would use it, so both backends give the same numbers."""
-    if x.dtype == torch.float32 and x.is_cuda and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """TF32 for fp32 exactly when PyTorch's own CUDA convolution uses it, so both paths give the
+    same numbers: cuDNN's setting, or without cuDNN (off or not built) that of cuBLAS, whose
+    matrix products PyTorch's fallback convolution makes."""
+    if x.dtype != torch.float32 or not x.is_cuda:
+        return "ieee"
+    cudnn = torch.backends.cudnn
+    if cudnn.enabled and cudnn.is_available():
+        return "tf32" if cudnn.allow_tf32 else "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:

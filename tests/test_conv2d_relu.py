@@ -153,6 +153,32 @@ def test_conv2d_relu_unet_shapes_on_gpu(shape, dtype, monkeypatch):
     check_against_float64(x, weight, bias, shape.padding, shape.relu)
 
 
+def test_tf32_is_used_exactly_where_pytorchs_cuda_convolution_uses_it(monkeypatch):
+    """cuDNN's allow_tf32 while cuDNN runs PyTorch's CUDA convolutions; without cuDNN (off or
+    not built) its fallback's matrix products follow cuBLAS's (on fake CUDA tensors here)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastunet.kernels.conv2d_relu import _input_precision
+
+    with FakeTensorMode():
+        x = torch.empty(1, 2, 3, 3, device="cuda")
+        half = torch.empty(1, 2, 3, 3, device="cuda", dtype=torch.float16)
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    for built, enabled, cudnn_tf32, matmul_tf32, expected in [
+        (True, True, True, False, "tf32"),
+        (True, True, False, True, "ieee"),
+        (True, False, True, False, "ieee"),
+        (True, False, False, True, "tf32"),
+        (False, True, True, False, "ieee"),
+    ]:
+        monkeypatch.setattr(cudnn, "is_available", lambda built=built: built)
+        cudnn.allow_tf32, matmul.allow_tf32 = cudnn_tf32, matmul_tf32  # restored by _ieee_fp32
+        with cudnn.flags(enabled=enabled, allow_tf32=cudnn_tf32):
+            assert _input_precision(x) == expected, (built, enabled, cudnn_tf32, matmul_tf32)
+            assert _input_precision(half) == "ieee"
+    assert _input_precision(torch.empty(1, 2, 3, 3)) == "ieee"  # a CPU tensor
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["enc0.conv2", "enc3.conv2", "dec1.conv1"])
 def test_tf32_follows_cudnn_setting(name, monkeypatch):
