@@ -388,6 +388,49 @@ def test_a_layer_the_ops_do_not_compute_is_left_and_says_why(name, torch_backend
         compare(original, fast, x, count=False)
 
 
+class _KeywordUp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(7, 3, 3, padding=1)
+
+    def forward(self, low, skip, scale=2, mode="nearest"):
+        up = F.interpolate(low, scale_factor=scale, mode=mode)
+        return F.relu(self.conv(torch.cat([skip, up], 1)))
+
+
+class _KeywordCalls(nn.Module):
+    """A decoder block called with its arguments in other forms: a traced forward binds them to
+    its parameters (and its defaults) before it looks its trace up."""
+
+    def __init__(self, call):
+        super().__init__()
+        self.down, self.up, self.call = nn.Conv2d(3, 4, 3, padding=1), _KeywordUp(), call
+
+    def forward(self, x):
+        low = F.max_pool2d(self.down(x), 2)
+        return self.call(self.up, low, x)
+
+
+KEYWORD_CALLS = {
+    "positional": lambda up, low, skip: up(low, skip),
+    "keywords": lambda up, low, skip: up(low=low, skip=skip),
+    "reordered": lambda up, low, skip: up(skip=skip, low=low),
+    "mixed": lambda up, low, skip: up(low, skip=skip, mode="nearest"),
+    "bilinear": lambda up, low, skip: up(low, skip, mode="bilinear"),
+    "all": lambda up, low, skip: up(low, skip, 2, "bilinear"),
+}
+
+
+@pytest.mark.parametrize("call", KEYWORD_CALLS)
+def test_a_traced_forward_binds_keyword_calls(call, torch_backend):
+    torch.manual_seed(0)
+    original = _KeywordCalls(KEYWORD_CALLS[call]).eval()
+    fast = fastunet.accelerate(original)
+    for _ in range(2):  # traces, then runs the trace
+        counts = compare(original, fast, torch.randn(2, 3, 8, 6))
+    assert counts[UPCAT] == 1 and counts[CONV] == 2
+
+
 def test_value_branch_is_reported(torch_backend):
     fast = fastunet.accelerate(_ValueBranch())
     fast(torch.randn(1, 3, 8, 8))
