@@ -431,6 +431,81 @@ def test_a_traced_forward_binds_keyword_calls(call, torch_backend):
     assert counts[UPCAT] == 1 and counts[CONV] == 2
 
 
+class _Decoder(nn.Module):
+    """A decoder block whose forward is one of DECODER_CODE's (a forward of its own, since
+    accelerate traces a forward whose code names a pattern)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(7, 3, 3, padding=1)
+
+
+def _decoder_forwards():
+    def cat_tuple(self, low, skip):
+        return F.relu(self.conv(torch.cat((skip, F.interpolate(low, scale_factor=2)), dim=1)))
+
+    def cat_negative_dim(self, low, skip):
+        return F.relu(self.conv(torch.cat([skip, F.interpolate(low, scale_factor=2.0)], -3)))
+
+    def concat_upsampled_first(self, low, skip):
+        up = F.interpolate(low, size=skip.shape[-2:], mode="bilinear", align_corners=True)
+        return self.conv(torch.concat([up, skip], 1)).relu()
+
+    def concatenate_axis(self, low, skip):
+        up = F.interpolate(low, scale_factor=2, mode="nearest")
+        return F.leaky_relu(self.conv(torch.concatenate([skip, up], axis=1)), 0.2)
+
+    def pad_on_a_shape_branch(self, low, skip):
+        up = F.interpolate(low, scale_factor=2)
+        if up.ndim == 4 and len(up) > 0 and up.numel() > 0:  # shapes, read while tracing
+            up = F.pad(up, [0, skip.size(3) - up.size(3), 0, skip.size(2) - up.size(2)])
+        return torch.relu(self.conv(torch.cat([skip, up], 1)))
+
+    def bicubic(self, low, skip):
+        return F.relu(self.conv(torch.cat([skip, F.interpolate(low, scale_factor=2,
+                                                               mode="bicubic")], 1)))  # fmt: skip
+
+    def upsampled_used_twice(self, low, skip):
+        up = F.interpolate(low, scale_factor=2)
+        return F.relu(self.conv(torch.cat([skip, up], 1))) + up.mean()
+
+    def scale_three(self, low, skip):
+        up = F.interpolate(low, scale_factor=3)[..., : skip.shape[2], : skip.shape[3]]
+        return F.relu(self.conv(torch.cat([skip, up], 1)))
+
+    return {f.__name__: f for f in (cat_tuple, cat_negative_dim, concat_upsampled_first,
+                                    concatenate_axis, pad_on_a_shape_branch, bicubic,
+                                    upsampled_used_twice, scale_three)}  # fmt: skip
+
+
+# name -> "" where the upsample + cat runs on the op, the reason it is left, or None where
+# there is no pattern to see (a slice between the upsample and the cat)
+DECODER_CODE = {
+    "cat_tuple": "", "cat_negative_dim": "", "concat_upsampled_first": "",
+    "concatenate_axis": "", "pad_on_a_shape_branch": "",
+    "bicubic": "mode 'bicubic'", "upsampled_used_twice": "used elsewhere", "scale_three": None,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", DECODER_CODE)
+def test_decoder_code_as_people_write_it(name, torch_backend):
+    """Forms of upsample + cat in a forward: each fuses, or is left with its reason, and the
+    model's results are the original's either way."""
+    why = DECODER_CODE[name]
+    decoder_class = type(name, (_Decoder,), {"forward": _decoder_forwards()[name]})
+    torch.manual_seed(0)
+    original = _KeywordCalls(lambda up, low, skip: up(low, skip)).eval()  # conv, pool, decoder
+    original.up = decoder_class()
+    fast = fastunet.accelerate(original)
+    for _ in range(2):  # traces, then runs the trace
+        counts = compare(original, fast, torch.randn(2, 3, 8, 6))
+    rows = [row for row in fastunet.acceleration_report(fast).rows if row.module == "up"]
+    upsample_rows = [row for row in rows if "upsample" in row.pattern]
+    assert counts[UPCAT] == (1 if why == "" else 0), rows
+    if why:
+        assert any(row.runs_on == "PyTorch (left)" and why in row.why for row in upsample_rows)
+
+
 def test_value_branch_is_reported(torch_backend):
     fast = fastunet.accelerate(_ValueBranch())
     fast(torch.randn(1, 3, 8, 8))
