@@ -506,6 +506,24 @@ def test_decoder_code_as_people_write_it(name, torch_backend):
         assert any(row.runs_on == "PyTorch (left)" and why in row.why for row in upsample_rows)
 
 
+class _ListDecoder(_Decoder):
+    def forward(self, pair):
+        low, skip = pair
+        return F.relu(self.conv(torch.cat([skip, F.interpolate(low, scale_factor=2)], 1)))
+
+
+def test_a_forward_called_with_a_list_runs_as_written_and_says_so(torch_backend):
+    torch.manual_seed(0)
+    original = _KeywordCalls(lambda up, low, skip: up([low, skip])).eval()
+    original.up = _ListDecoder()
+    fast = fastunet.accelerate(original)
+    for _ in range(2):
+        counts = compare(original, fast, torch.randn(2, 3, 8, 6))
+    assert counts[UPCAT] == 0
+    (row,) = [row for row in fastunet.acceleration_report(fast).left() if row.module == "up"]
+    assert row.pattern == "forward" and "not a tensor" in row.why
+
+
 def test_value_branch_is_reported(torch_backend):
     fast = fastunet.accelerate(_ValueBranch())
     fast(torch.randn(1, 3, 8, 8))

@@ -608,9 +608,13 @@ class TracedForward:
     def __call__(self, *args, **kwargs):
         module = self.module
         values = self.signature.bind(args, kwargs)
-        key = None if values is None else call_key(module, values)
-        if key is None:
+        if values is None:  # as written: PyTorch raises the call's TypeError
             return type(module).forward(module, *args, **kwargs)
+        key = call_key(module, values)
+        if key is None:
+            why = "an argument is not a tensor, None or a scalar (a list?): runs as written"
+            self.report.add(self.path, "forward", LEFT, why)
+            return type(module).forward(module, *values)
         if key in self.traced:
             generated, fused_layers = self.traced[key]
             if inside_pytorch_by_rule():  # its layers all take PyTorch's path: as written
