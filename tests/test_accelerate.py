@@ -522,6 +522,12 @@ def test_a_forward_called_with_a_list_runs_as_written_and_says_so(torch_backend)
     assert counts[UPCAT] == 0
     (row,) = [row for row in fastunet.acceleration_report(fast).left() if row.module == "up"]
     assert row.pattern == "forward" and "not a tensor" in row.why
+    torch._dynamo.reset()
+    fresh = fastunet.accelerate(original)  # compiled at its first call: the row is not traced
+    compiled = torch.compile(fresh, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 8, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), original(x))
 
 
 def test_value_branch_is_reported(torch_backend):

@@ -612,8 +612,9 @@ class TracedForward:
             return type(module).forward(module, *args, **kwargs)
         key = call_key(module, values)
         if key is None:
-            why = "an argument is not a tensor, None or a scalar (a list?): runs as written"
-            self.report.add(self.path, "forward", LEFT, why)
+            if not torch.compiler.is_compiling():  # a report row is no part of a graph
+                why = "an argument is not a tensor, None or a scalar (a list?): runs as written"
+                self.report.add(self.path, "forward", LEFT, why)
             return type(module).forward(module, *values)
         if key in self.traced:
             generated, fused_layers = self.traced[key]
