@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastunet.kernels import INTERPRET
+from fastunet.kernels import INTERPRET, cudnn_convolves
 from fastunet.kernels.upsample_concat import axis_tables, bilinear_blend
 
 # Tile sizes used under TRITON_INTERPRET (autotuning needs a GPU): few, large programs run fastest.
@@ -359,9 +359,8 @@ def _input_precision(x: torch.Tensor) -> str:
     matrix products PyTorch's fallback convolution makes."""
     if x.dtype != torch.float32 or not x.is_cuda:
         return "ieee"
-    cudnn = torch.backends.cudnn
-    if cudnn.enabled and cudnn.is_available():
-        return "tf32" if cudnn.allow_tf32 else "ieee"
+    if cudnn_convolves():
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 

@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from packaging.version import Version
 
@@ -181,3 +182,11 @@ def assert_same_bits(actual, expected):
     assert torch.equal(
         actual.view(ints).masked_fill(nan, 0), expected.view(ints).masked_fill(nan, 0)
     )
+
+
+def drawn(max_examples: int) -> settings:
+    """The property tests' hypothesis settings: derandomized (every run draws the same
+    examples), no deadline (the interpreter is slow), no example database, and function-scoped
+    fixtures allowed (set once per test, which is what each example wants)."""
+    return settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip

@@ -18,14 +18,15 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import INPUT_LAYOUTS, KERNEL_DEVICE, in_layout
-from hypothesis import HealthCheck, assume, given, settings
+from helpers import INPUT_LAYOUTS, KERNEL_DEVICE, drawn, in_layout
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import fastunet
+from fastunet import kernels
 from fastunet._accelerate import modules
 from fastunet.bench.parity import relative_error
 from fastunet.bench.styles import MilesialStyleUNet, SmpStyleUNet
@@ -763,8 +764,7 @@ def drawn_models(draw):
     return style, model, in_layout(x, layout)
 
 
-DRAWN = settings(max_examples=40, deadline=None, derandomize=True, database=None,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+DRAWN = drawn(40)
 
 
 @DRAWN
@@ -821,15 +821,16 @@ def test_a_replaced_decoder_hands_on_the_layout_torch_cat_would(torch_backend):
     assert seen["fast"] == seen["original"] == (16, 4, 2, 1)
 
 
-LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
-
-
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # mkldnn.flags warns
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("library", ["on", "off"], ids=["cudnn-or-onednn-on", "off"])
-@pytest.mark.parametrize("input_layout", LAYOUTS.values(), ids=[f"x-{k}" for k in LAYOUTS])
-@pytest.mark.parametrize("weight_layout", LAYOUTS.values(), ids=[f"w-{k}" for k in LAYOUTS])
+@pytest.mark.parametrize(
+    "input_layout", _choice.LAYOUTS.values(), ids=[f"x-{k}" for k in _choice.LAYOUTS]
+)
+@pytest.mark.parametrize(
+    "weight_layout", _choice.LAYOUTS.values(), ids=[f"w-{k}" for k in _choice.LAYOUTS]
+)
 def test_a_replaced_conv_hands_on_the_layout_pytorchs_would(
     kernels_backend, device, dtype, library, input_layout, weight_layout
 ):
@@ -867,7 +868,7 @@ def test_the_conv_layout_rule_on_cuda_tensors_without_a_gpu(monkeypatch):
     convolution on a GPU)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    monkeypatch.setattr(modules, "CUDNN_BUILT", True)
+    monkeypatch.setattr(kernels, "CUDNN_BUILT", True)
 
     def empty(*shape, layout=torch.contiguous_format, dtype=torch.float32):
         return torch.empty(shape, device="cuda", dtype=dtype, memory_format=layout)
@@ -882,5 +883,5 @@ def test_the_conv_layout_rule_on_cuda_tensors_without_a_gpu(monkeypatch):
         assert modules.conv_layout(x_double, weight) is torch.contiguous_format
         with torch.backends.cudnn.flags(enabled=False):
             assert modules.conv_layout(x_nhwc, weight) is torch.contiguous_format
-        monkeypatch.setattr(modules, "CUDNN_BUILT", False)
+        monkeypatch.setattr(kernels, "CUDNN_BUILT", False)
         assert modules.conv_layout(x_nhwc, weight) is torch.contiguous_format

@@ -17,10 +17,11 @@ from helpers import (
     UNET_AXES,
     UPSAMPLE_MODES,
     assert_same_bits,
+    drawn,
     in_layout,
     unet_size,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from fastunet import ReferenceUNet, UNet
@@ -417,8 +418,7 @@ def test_on_the_cpu_unet_is_referenceunet_in_the_faster_layout_bit_for_bit(
         assert torch.equal(a.grad, b.grad), name
 
 
-@settings(max_examples=100, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@drawn(100)
 @given(
     batch=st.integers(0, 2),
     in_channels=st.integers(1, 3),

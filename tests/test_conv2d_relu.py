@@ -21,7 +21,7 @@ from helpers import (
     torch_conv2d_relu,
 )
 
-from fastunet import ops
+from fastunet import kernels, ops
 from fastunet.bench.parity import relative_error
 from fastunet.bench.shapes import unet_shapes
 from fastunet.ops.conv2d_relu import conv2d_relu_grad_output
@@ -171,7 +171,7 @@ def test_tf32_is_used_exactly_where_pytorchs_cuda_convolution_uses_it(monkeypatc
         (True, False, False, True, "tf32"),
         (False, True, True, False, "ieee"),
     ]:
-        monkeypatch.setattr(cudnn, "is_available", lambda built=built: built)
+        monkeypatch.setattr(kernels, "CUDNN_BUILT", built)
         cudnn.allow_tf32, matmul.allow_tf32 = cudnn_tf32, matmul_tf32  # restored by _ieee_fp32
         with cudnn.flags(enabled=enabled, allow_tf32=cudnn_tf32):
             assert _input_precision(x) == expected, (built, enabled, cudnn_tf32, matmul_tf32)

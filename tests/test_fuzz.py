@@ -24,12 +24,13 @@ from helpers import (
     assert_parity,
     assert_same_bits,
     backend_device,
+    drawn,
     in_layout,
     output_and_grads,
     torch_conv2d_relu,
     torch_upsample_concat,
 )
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from fastunet import ops
@@ -55,15 +56,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 
 
 def fuzz(test, examples=EXAMPLES):
-    """Bounded, derandomized, no deadline (the interpreter is slow). The backend fixture is set
-    once per test, which is what every example of it wants."""
-    return settings(
-        max_examples=examples,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=[HealthCheck.function_scoped_fixture],
-    )(test)
+    """The property tests' settings (`helpers.drawn`), EXAMPLES examples unless told."""
+    return drawn(examples)(test)
 
 
 NAN, INF = float("nan"), float("inf")

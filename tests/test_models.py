@@ -8,10 +8,11 @@ from helpers import (
     UNET_AXES,
     UPSAMPLE_MODES,
     backend_device,
+    drawn,
     in_layout,
     unet_size,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -213,8 +214,7 @@ def test_bad_arguments_get_a_clear_error(kwargs, match):
         UNet(**kwargs)
 
 
-@settings(max_examples=8, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@drawn(8)
 @given(
     batch=st.integers(0, 2),
     in_channels=st.integers(1, 3),

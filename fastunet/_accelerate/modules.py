@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastunet import ops
+from fastunet.kernels import cudnn_convolves
 from fastunet.ops._choice import (
     inside_pytorch_by_rule,
     pytorch_by_rule,
@@ -195,10 +196,6 @@ class FusedConv2d(nn.Conv2d):
 # it replaces would have given.
 
 
-# Read once: torch.compile cannot trace the call, and a build does not gain cuDNN.
-CUDNN_BUILT = torch.backends.cudnn.is_available()
-
-
 def conv_layout(x: Tensor, weight: Tensor) -> torch.memory_format:
     """The layout of PyTorch's convolution output: channels_last where its input or its weight
     is, except on CUDA where cuDNN does not compute it: for float64 PyTorch asks cuDNN for NCHW,
@@ -207,9 +204,7 @@ def conv_layout(x: Tensor, weight: Tensor) -> torch.memory_format:
     too.)"""
     if CHANNELS_LAST not in (memory_format_of(x), memory_format_of(weight)):
         return torch.contiguous_format
-    if x.is_cuda and (
-        x.dtype == torch.float64 or not CUDNN_BUILT or not torch.backends.cudnn.enabled
-    ):
+    if x.is_cuda and (x.dtype == torch.float64 or not cudnn_convolves()):
         return torch.contiguous_format
     return CHANNELS_LAST
 
