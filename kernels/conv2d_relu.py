@@ -177,17 +177,21 @@ def _load_input_pixels(
 ):  # fmt: skip
     """The A tile of the implicit GEMM: x's pixels, or with UPSAMPLE ("nearest", "bilinear")
     the pixels of cat([skip, upsample(x)])."""
+    # An else, not an early return: Triton compiles the code after a constexpr if's return too,
+    # and a plain conv's placeholder table pointers (x's type) would not type-check there.
     if UPSAMPLE == "none":
-        return _load_shifted_pixels(
+        pixels = _load_shifted_pixels(
             x_ptr, x_base, oh, ow, pixel_valid, dh, dw, cs, H, W, C_IN, stride_xh, stride_xw
         )
-    return _load_concat_pixels(
-        skip_ptr, x_ptr, n, oh, ow, pixel_valid, dh, dw, cs, H, W, C_SKIP, C_IN,
-        stride_sn, stride_sh, stride_sw, stride_xn, stride_xh, stride_xw,
-        row_src0_ptr, row_src1_ptr, row_lambda0_ptr, row_lambda1_ptr,
-        col_src0_ptr, col_src1_ptr, col_lambda0_ptr, col_lambda1_ptr,
-        UPSAMPLE == "bilinear",
-    )  # fmt: skip
+    else:
+        pixels = _load_concat_pixels(
+            skip_ptr, x_ptr, n, oh, ow, pixel_valid, dh, dw, cs, H, W, C_SKIP, C_IN,
+            stride_sn, stride_sh, stride_sw, stride_xn, stride_xh, stride_xw,
+            row_src0_ptr, row_src1_ptr, row_lambda0_ptr, row_lambda1_ptr,
+            col_src0_ptr, col_src1_ptr, col_lambda0_ptr, col_lambda1_ptr,
+            UPSAMPLE == "bilinear",
+        )  # fmt: skip
+    return pixels
 
 
 @_autotune(GEMM_CONFIGS, ["N", "H_OUT", "W_OUT", "C_IN", "C_OUT", "KH", "KW", "C_SKIP"])

@@ -1,12 +1,23 @@
-"""Compile fastunet's Triton kernels for NVIDIA targets without a GPU, and report each build.
+"""Compile fastunet's Triton kernels for NVIDIA targets without a GPU, through their launchers,
+and report each build.
 
 The interpreter runs the kernels' logic on CPU tensors but compiles nothing, so a kernel that
 cannot be lowered for a GPU (a type error, an unsupported op, a tile that overflows shared
-memory) would pass CI. Triton compiles offline for a named target: this script does so with the
-specialisations a real launch would get (16-divisible sizes and aligned pointers) and prints one
-JSON line per build. Run it without TRITON_INTERPRET: tests/test_gpu_compile.py does.
+memory) would pass CI. Triton compiles offline for a named target. This script compiles what a
+real call would: it calls the launchers in fastunet.kernels, so each kernel gets the launcher's
+own arguments with the types and specialisations (16-divisible sizes, integers equal to 1,
+aligned pointers) that a launch gives them.
+- A stand-in driver names the target. The kernels get CPU tensors for CUDA ones: compiling
+  reads only their dtype and address.
+- A launch compiles and does not run. An autotuned launch compiles each tile it would time, or,
+  outside `every_tile()`, the first.
+- fp32 convolutions compile with TF32, as on CUDA with PyTorch's defaults, unless a case says
+  IEEE (the launcher's own rule reads the tensors' device).
+
+Prints one JSON line per build. Run it without TRITON_INTERPRET: tests/test_gpu_compile.py does.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -14,166 +25,148 @@ import sys
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-import triton
+import torch
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.runtime import driver
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
 
 from fastunet.kernels import conv2d_relu, upsample_concat
 
 
-def jit_function(kernel):
-    while not isinstance(kernel, triton.runtime.jit.JITFunction):
-        kernel = kernel.fn  # through @triton.autotune
-    return kernel
+class TargetDriver:
+    """The part of Triton's driver that compiling reads: the device (here its compute
+    capability, so that each target gets its own per-device cache) and its target."""
+
+    capability = 90
+
+    def get_current_device(self):
+        return self.capability
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.capability, 32)
 
 
-def compile_for(kernel, args: dict, constexprs: dict, config, capability: int):
-    """args: pointer arguments as their element type ("bf16"), integers and floats as sample
-    values."""
-    fn = jit_function(kernel)
-    constexprs = {**constexprs, **config.kwargs}
-    signature, attrs = {}, {}
-    for index, name in enumerate(fn.arg_names):
-        value = args.get(name)
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif isinstance(value, str):
-            signature[name] = ("*" + value) if name.endswith("_ptr") else value
-            attrs[(index,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        elif value == 1:  # Triton turns an integer argument equal to 1 into a constant
-            signature[name] = "constexpr"
-            constexprs[name] = 1
-        else:
-            signature[name] = "i32"
-            if value % 16 == 0:
-                attrs[(index,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+DRIVER = TargetDriver()
+BUILDS: list[dict] = []
+_case = {"name": "", "aligned": True, "every_tile": False, "fp32_precision": "tf32"}
+_compile = JITFunction.run
+
+
+def _compile_only(self, *args, grid, warmup, **kwargs):
+    compiled = _compile(self, *args, grid=grid, warmup=True, **kwargs)
     ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
-    return {
-        "kernel": fn.__name__,
-        "capability": capability,
-        "config": {**config.kwargs, "warps": config.num_warps, "stages": config.num_stages},
+    BUILDS.append({
+        "kernel": self.__name__,
+        "case": _case["name"],
+        "aligned": _case["aligned"],
+        "capability": DRIVER.capability,
+        "dtype": str(args[0].dtype).removeprefix("torch."),
+        "precision": kwargs.get("INPUT_PRECISION"),
+        "config": {k: v for k, v in kwargs.items() if k.startswith("BLOCK_")}
+        | {"warps": compiled.metadata.num_warps, "stages": compiled.metadata.num_stages},
         "shared_bytes": compiled.metadata.shared,
         "wgmma": ptx.count("wgmma.mma_async"),
         "mma_sync": ptx.count("mma.sync"),
         "async_copies": ttgir.count("async_copy_global_to_local"),
         "wide_loads": ptx.count("ld.global.v4") + ptx.count("ld.global.nc.v4"),
         "wide_stores": ptx.count("st.global.v4"),
-    }
+    })  # fmt: skip
+    return compiled
 
 
-def concat_arguments(dtype, n, h, w, c_skip):
-    """The fused loader's arguments: skip (c_skip channels at h x w) and the axis tables."""
-    names = [f"{axis}_{name}_ptr" for axis in ("row", "col")
-             for name in ("src0", "src1", "lambda0", "lambda1")]  # fmt: skip
-    tables = {name: "fp32" if "lambda" in name else "i32" for name in names}
-    return dict(skip_ptr=dtype, C_SKIP=c_skip, stride_sn=h * w * c_skip, stride_sh=w * c_skip,
-                stride_sw=c_skip, **tables)  # fmt: skip
+def _compile_tiles(self, *args, grid, warmup, **kwargs):
+    self.nargs = dict(zip(self.arg_names, args, strict=False))
+    tiles = self.prune_configs({"grid": grid, **kwargs})
+    for config in tiles if _case["every_tile"] else tiles[:1]:
+        self.fn.run(*args, grid=grid, warmup=True, **kwargs, **config.all_kwargs())
+    self.nargs = None
 
 
-def conv_builds():
-    n, h, w, c_in, c_out = 16, 64, 64, 128, 128
-    tensors = ("x_ptr", "w_ptr", "bias_ptr", "out_ptr")
-    strides = dict(stride_xn=h * w * c_in, stride_xh=w * c_in, stride_xw=c_in)
-    sizes = dict(
-        N=n, H=h, W=w, C_IN=c_in, H_OUT=h, W_OUT=w, C_OUT=c_out, PAD_H=1, PAD_W=1,
-        NEGATIVE_SLOPE=0.1, **strides,
-    )  # fmt: skip
-    plain = dict(UPSAMPLE="none")
-    for dtype, precision, size in (("bf16", "ieee", 2), ("fp16", "ieee", 2), ("fp32", "tf32", 4)):
-        args = {**sizes, **dict.fromkeys(tensors, dtype), **concat_arguments(dtype, n, h, w, 0)}
-        named = {"x_ptr": _Sized(size), "C_IN": c_in, "C_OUT": c_out}
-        for config in conv2d_relu._prune_configs(conv2d_relu.GEMM_CONFIGS, named):
-            constexprs = dict(KH=3, KW=3, HAS_BIAS=True, RELU=True, INPUT_PRECISION=precision,
-                              LEAKY=False, **plain)  # fmt: skip
-            yield conv2d_relu._conv2d_kernel, args, constexprs, config, 90
-    grad_args = {**sizes, "grad_ptr": "bf16", "x_ptr": "bf16", "partial_ptr": "fp32",
-                 "M_PER_SPLIT": 4096, **concat_arguments("bf16", n, h, w, 0)}  # fmt: skip
-    named = {"x_ptr": _Sized(2), "C_IN": c_in, "C_OUT": c_out}
-    for config in conv2d_relu._prune_configs(conv2d_relu.GRAD_WEIGHT_CONFIGS, named):
-        constexprs = dict(KH=3, KW=3, INPUT_PRECISION="ieee", **plain)
-        yield conv2d_relu._conv2d_grad_weight_kernel, grad_args, constexprs, config, 90
-    first = conv2d_relu.GEMM_CONFIGS[0]
-    args = {**sizes, **dict.fromkeys(tensors, "bf16"), **concat_arguments("bf16", n, h, w, 0)}
-    constexprs = dict(KH=1, KW=1, HAS_BIAS=False, RELU=False, LEAKY=False, INPUT_PRECISION="ieee",
-                      **plain)  # fmt: skip
-    yield conv2d_relu._conv2d_kernel, args, constexprs, first, 80  # Ampere: mma.sync
-    leaky = dict(constexprs, RELU=True, LEAKY=True)  # the LeakyReLU epilogue
-    yield conv2d_relu._conv2d_kernel, args, leaky, first, 90
-    # The decoder conv: skip (c_in / 3 channels) and x (2 c_in / 3 at half size) read directly.
-    c_skip, c_x = 64, 128
-    low = dict(stride_xn=h * w * c_x // 4, stride_xh=w * c_x // 2, stride_xw=c_x)
-    fused = {**sizes, **low, "C_IN": c_skip + c_x, **dict.fromkeys(tensors, "bf16"),
-             **concat_arguments("bf16", n, h, w, c_skip)}  # fmt: skip
-    for mode in ("nearest", "bilinear"):
-        constexprs = dict(KH=3, KW=3, HAS_BIAS=True, RELU=True, INPUT_PRECISION="ieee",
-                          UPSAMPLE=mode, LEAKY=False)  # fmt: skip
-        yield conv2d_relu._conv2d_kernel, fused, constexprs, first, 90
-        grad_fused = {**fused, "grad_ptr": "bf16", "partial_ptr": "fp32", "M_PER_SPLIT": 4096}
-        constexprs = dict(KH=3, KW=3, INPUT_PRECISION="ieee", UPSAMPLE=mode)
-        yield (
-            conv2d_relu._conv2d_grad_weight_kernel,
-            grad_fused,
-            constexprs,
-            conv2d_relu.GRAD_WEIGHT_CONFIGS[0],
-            90,
-        )
-    relu_args = dict(grad_out_ptr="bf16", out_ptr="bf16", grad_ptr="bf16",
-                     bias_partial_ptr="fp32", M=n * h * w, C=c_out, NEGATIVE_SLOPE=0.1)  # fmt: skip
-    relu_config = triton.Config({}, num_warps=4, num_stages=1)
-    for leaky in (False, True):
-        relu_constexprs = dict(BLOCK_M=conv2d_relu.RELU_GRAD_BLOCK_M, BLOCK_C=128, LEAKY=leaky)
-        yield conv2d_relu._relu_grad_kernel, relu_args, relu_constexprs, relu_config, 90
+@contextlib.contextmanager
+def case(name, capability=90, aligned=True, every_tile=False, fp32_precision="tf32"):
+    """Builds made inside are reported under `name`; `aligned`: its sizes are multiples of 16
+    (where 16-byte accesses are possible)."""
+    DRIVER.capability = capability
+    _case.update(name=name, aligned=aligned, every_tile=every_tile, fp32_precision=fp32_precision)
+    yield
 
 
-def upsample_builds():
-    n, c, h, w = 16, 128, 128, 128  # x: 2c at h/2 -> skip: c at h, channels_last
-    block_pixels, block_channels = upsample_concat._block_sizes(2 * c)
-    config = triton.Config({}, num_warps=upsample_concat.NUM_WARPS, num_stages=1)
-    tables = [f"{axis}_{name}_ptr" for axis in ("row", "col")
-              for name in ("src0", "src1", "lambda0", "lambda1", "first", "count")]  # fmt: skip
-    table_types = {name: "fp32" if "lambda" in name else "i32" for name in tables}
-
-    def strides(prefix, channels, height, width):
-        names = [f"{prefix}_stride_{axis}" for axis in ("n", "c", "h", "w")]
-        return dict(zip(names, (height * width * channels, 1, width * channels, channels),
-                        strict=True))  # fmt: skip
-
-    for dtype in ("bf16", "fp32"):
-        for nearest in (True, False):
-            constexprs = dict(NEAREST=nearest, BLOCK_PIXELS=block_pixels,
-                              BLOCK_CHANNELS=block_channels)  # fmt: skip
-            forward = dict(x_ptr=dtype, skip_ptr=dtype, out_ptr=dtype, **table_types,
-                           num_pixels=n * h * w, out_height=h, out_width=w, skip_channels=c,
-                           x_channels=2 * c, **strides("x", 2 * c, h // 2, w // 2),
-                           **strides("skip", c, h, w), **strides("out", 3 * c, h, w),
-                           skip_offset=2 * c, x_offset=0)  # fmt: skip
-            yield upsample_concat._upsample_concat_forward_kernel, forward, constexprs, config, 90
-            backward = dict(grad_up_ptr=dtype, grad_x_ptr=dtype, **table_types,
-                            num_pixels=n * h * w // 4, in_height=h // 2, in_width=w // 2,
-                            channels=2 * c, max_rows=4, max_cols=4,
-                            **strides("grad_up", 3 * c, h, w),
-                            **strides("grad_x", 2 * c, h // 2, w // 2))  # fmt: skip
-            yield upsample_concat._upsample_backward_kernel, backward, constexprs, config, 90
+def _input_precision(x):
+    return _case["fp32_precision"] if x.dtype == torch.float32 else "ieee"
 
 
-class _Sized:
-    """Stands in for a tensor argument where the prune functions read element_size()."""
+def _channels_last(shape, dtype):
+    return torch.zeros(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
 
-    def __init__(self, size):
-        self.size = size
 
-    def element_size(self):
-        return self.size
+def conv_launches(dtype, n, c_in, c_out, size, kernel=3, bias=True):
+    """The conv op's launches, as its forward and backward make them: forward, grad_input (the
+    same kernel, flipped weight), grad_weight and the ReLU gradient."""
+    h, w = size
+    padding = kernel // 2
+    x = _channels_last((n, c_in, h, w), dtype)
+    weight = torch.zeros(c_out, c_in, kernel, kernel, dtype=dtype)
+    out = conv2d_relu.forward(x, weight, torch.zeros(c_out, dtype=dtype) if bias else None,
+                              padding, True)  # fmt: skip
+    grad, _ = conv2d_relu.relu_grad(out, out)
+    conv2d_relu.grad_input(grad, weight, h, w, padding)
+    conv2d_relu.grad_weight(grad, x, kernel, kernel, padding)
+
+
+def decoder_conv_launches(dtype, n, c_skip, c_x, size, mode, align_corners=False):
+    """The fused decoder conv: its input is cat([skip, upsample(x)]), never stored."""
+    h, w = size
+    skip = _channels_last((n, c_skip, h, w), dtype)
+    x = _channels_last((n, c_x, (h + 1) // 2, (w + 1) // 2), dtype)
+    weight = torch.zeros(c_skip, c_skip + c_x, 3, 3, dtype=dtype)
+    concat = (skip, mode, align_corners)
+    out = conv2d_relu.forward(x, weight, torch.zeros(c_skip, dtype=dtype), 1, True, concat)
+    conv2d_relu.grad_weight(out, x, 3, 3, 1, concat)
+
+
+def upsample_concat_launches(dtype, n, c_skip, c_x, size, mode, skip_first=True):
+    h, w = size
+    skip = _channels_last((n, c_skip, h, w), dtype)
+    x = _channels_last((n, c_x, (h + 1) // 2, (w + 1) // 2), dtype)
+    out = _channels_last((n, c_skip + c_x, h, w), dtype)
+    upsample_concat.upsample_concat_forward(x, skip, mode, False, out, skip_first)
+    upsample_concat.upsample_backward(out[:, c_skip:], mode, False, torch.zeros_like(x))
 
 
 def main() -> int:
-    for kernel, args, constexprs, config, capability in (*conv_builds(), *upsample_builds()):
-        print(json.dumps(compile_for(kernel, args, constexprs, config, capability)), flush=True)
+    driver.set_active(DRIVER)
+    JITFunction.run, Autotuner.run = _compile_only, _compile_tiles
+    conv2d_relu._input_precision = _input_precision
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        with case(f"conv {dtype} 128->128 every tile", every_tile=True):
+            conv_launches(dtype, 2, 128, 128, (32, 32))
+    with case("conv bf16 Ampere", capability=80):
+        conv_launches(torch.bfloat16, 2, 64, 64, (32, 32))
+    with case("conv fp32 IEEE, 1x1 head, no bias", fp32_precision="ieee"):
+        conv_launches(torch.float32, 2, 64, 16, (32, 32), kernel=1, bias=False)
+    with case("conv odd sizes (N=1, C_in=3)", aligned=False):
+        conv_launches(torch.float16, 1, 3, 5, (7, 9))
+    with case("conv leaky ReLU"):
+        out = conv2d_relu.forward(_channels_last((2, 64, 16, 16), torch.bfloat16),
+                                  torch.zeros(64, 64, 3, 3, dtype=torch.bfloat16), None, 1,
+                                  True, negative_slope=0.1)  # fmt: skip
+        conv2d_relu.relu_grad(out, out, 0.1)
+    for mode in ("nearest", "bilinear"):
+        with case(f"decoder conv {mode}"):
+            decoder_conv_launches(torch.bfloat16, 2, 64, 128, (32, 32), mode)
+        with case(f"decoder conv {mode}, odd sizes", aligned=False):
+            decoder_conv_launches(torch.float32, 1, 3, 5, (7, 9), mode, align_corners=True)
+        for dtype in (torch.bfloat16, torch.float32):
+            with case(f"upsample_concat {mode} {dtype}"):
+                upsample_concat_launches(dtype, 2, 128, 256, (32, 32), mode)
+        with case(f"upsample_concat {mode}, odd sizes, upsampled first", aligned=False):
+            upsample_concat_launches(torch.float16, 1, 3, 5, (7, 9), mode, skip_first=False)
+    for build in BUILDS:
+        print(json.dumps(build), flush=True)
     return 0
 
 
