@@ -9,12 +9,13 @@ own arguments with the types and specialisations (16-divisible sizes, integers e
 aligned pointers) that a launch gives them.
 - A stand-in driver names the target. The kernels get CPU tensors for CUDA ones: compiling
   reads only their dtype and address.
-- A launch compiles and does not run. An autotuned launch compiles each tile it would time, or,
-  outside `every_tile()`, the first.
+- A launch compiles and does not run. An autotuned launch compiles each tile it would time, in
+  parallel as before the autotuner times them (`TileCompiles`), or in most cases just the first.
 - fp32 convolutions compile with TF32, as on CUDA with PyTorch's defaults, unless a case says
   IEEE (the launcher's own rule reads the tensors' device).
 
-Prints one JSON line per build. Run it without TRITON_INTERPRET: tests/test_gpu_compile.py does.
+Prints one JSON line per build, then one per parallel compile of an autotuned launch's tiles.
+Run it without TRITON_INTERPRET: tests/test_gpu_compile.py does.
 """
 
 import contextlib
@@ -26,6 +27,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import torch
+import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
@@ -52,14 +54,18 @@ class TargetDriver:
 
 DRIVER = TargetDriver()
 BUILDS: list[dict] = []
+PARALLEL_COMPILES: list[dict] = []
 _case = {"name": "", "aligned": True, "every_tile": False, "fp32_precision": "tf32"}
 _compile = JITFunction.run
 
 
 def _compile_only(self, *args, grid, warmup, **kwargs):
     compiled = _compile(self, *args, grid=grid, warmup=True, **kwargs)
+    if isinstance(compiled, triton.FutureKernel) or compiled is None:  # compiling in a thread
+        return compiled
     ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
     BUILDS.append({
+        "record": "build",
         "kernel": self.__name__,
         "case": _case["name"],
         "aligned": _case["aligned"],
@@ -80,7 +86,14 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
 
 def _compile_tiles(self, *args, grid, warmup, **kwargs):
     self.nargs = dict(zip(self.arg_names, args, strict=False))
-    tiles = self.prune_configs({"grid": grid, **kwargs})
+    tiles = self.prune_configs({"grid": grid, "warmup": warmup, **kwargs})
+    if _case["every_tile"]:  # at once, as before the autotuner times them; then each is cached
+        kernel_cache = self.fn.device_caches[DRIVER.capability][0]
+        before = len(kernel_cache)
+        self.tile_compiles.fire()
+        PARALLEL_COMPILES.append({"record": "parallel_compile", "kernel": self.fn.__name__,
+                                  "case": _case["name"], "tiles": len(tiles),
+                                  "compiled": len(kernel_cache) - before})  # fmt: skip
     for config in tiles if _case["every_tile"] else tiles[:1]:
         self.fn.run(*args, grid=grid, warmup=True, **kwargs, **config.all_kwargs())
     self.nargs = None
@@ -165,8 +178,8 @@ def main() -> int:
                 upsample_concat_launches(dtype, 2, 128, 256, (32, 32), mode)
         with case(f"upsample_concat {mode}, odd sizes, upsampled first", aligned=False):
             upsample_concat_launches(torch.float16, 1, 3, 5, (7, 9), mode, skip_first=False)
-    for build in BUILDS:
-        print(json.dumps(build), flush=True)
+    for record in BUILDS + PARALLEL_COMPILES:
+        print(json.dumps(record), flush=True)
     return 0
 
 

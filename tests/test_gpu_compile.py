@@ -25,7 +25,7 @@ MEMORY_KERNELS = {
 
 
 @pytest.fixture(scope="module")
-def builds():
+def records():
     script = Path(__file__).with_name("compile_for_gpu.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
@@ -33,6 +33,11 @@ def builds():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def builds(records):
+    return [r for r in records if r["record"] == "build"]
 
 
 def test_every_kernel_compiles_for_each_dtype_and_target_within_shared_memory(builds):
@@ -60,3 +65,12 @@ def test_convolutions_use_tensor_cores_and_pipelined_loads(builds):
 def test_memory_bound_kernels_move_16_bytes_an_access(builds):
     for build in (b for b in builds if b["kernel"] in MEMORY_KERNELS and b["aligned"]):
         assert build["wide_loads"] > 0 and build["wide_stores"] > 0, build
+
+
+def test_an_autotuned_launch_compiles_its_tiles_at_once_before_timing_them(records):
+    """kernels.conv2d_relu.TileCompiles, as the autotuner's timing hook fires it: every tile
+    the autotuner would time is compiled (in threads) before the first is timed."""
+    fired = [r for r in records if r["record"] == "parallel_compile"]
+    assert {r["kernel"] for r in fired} == MATMUL_KERNELS
+    for record in fired:
+        assert record["tiles"] > 1 and record["compiled"] == record["tiles"], record
