@@ -55,6 +55,8 @@ from fastunet.ops._timing import compare_ms
 FORMAT = 1
 PATHS = ("fastunet", "torch")
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": CHANNELS_LAST}
+# What an unusable cache file means; not "measuring again": `fastunet info` reads it too.
+IGNORED = "its choices are ignored (each layer measures its own again when it runs)"
 
 
 @dataclass(frozen=True)
@@ -200,7 +202,7 @@ class ChoiceCache:
             return {}
         except (OSError, ValueError) as error:
             if warn:
-                _warn(f"cannot read the choice cache {self.path} ({error}); measuring again")
+                _warn(f"cannot read the choice cache {self.path} ({error}); {IGNORED}")
             return {}
         entries = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(entries, dict) or not all(
@@ -210,12 +212,12 @@ class ChoiceCache:
             for e in entries.values()
         ):
             if warn:
-                _warn(f"the choice cache {self.path} is not in the expected form; measuring again")
+                _warn(f"the choice cache {self.path} is not in the expected form; {IGNORED}")
             return {}
         if data.get("stamp") != stamp():
             if warn:
                 changed = _stamp_changes(data.get("stamp"))
-                _warn(f"the choice cache {self.path} was made by {changed}; measuring again")
+                _warn(f"the choice cache {self.path} was made by {changed}; {IGNORED}")
             return {}
         return entries
 
