@@ -427,13 +427,21 @@ def _relu_grad_kernel(
 
 def _input_precision(x: torch.Tensor) -> str:
     """TF32 for fp32 exactly when PyTorch's own CUDA convolution uses it, so both paths give the
-    same numbers: cuDNN's setting, or without cuDNN (off or not built) that of cuBLAS, whose
-    matrix products PyTorch's fallback convolution makes."""
+    same numbers: cuDNN's convolution setting, or without cuDNN (off or not built) that of
+    cuBLAS, whose matrix products PyTorch's fallback convolution makes.
+
+    From torch 2.9 the settings are `fp32_precision`: the older `allow_tf32` flags raise once a
+    user sets them through it (cuDNN's conv and RNN differing), so those are read only before."""
     if x.dtype != torch.float32 or not x.is_cuda:
         return "ieee"
     if cudnn_convolves():
-        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        conv = getattr(torch.backends.cudnn, "conv", None)
+        tf32 = torch.backends.cudnn.allow_tf32 if conv is None else conv.fp32_precision == "tf32"
+    else:
+        matmul = torch.backends.cuda.matmul
+        precision = getattr(matmul, "fp32_precision", None)
+        tf32 = matmul.allow_tf32 if precision is None else precision == "tf32"
+    return "tf32" if tf32 else "ieee"
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:

@@ -179,6 +179,35 @@ def test_tf32_is_used_exactly_where_pytorchs_cuda_convolution_uses_it(monkeypatc
     assert _input_precision(torch.empty(1, 2, 3, 3)) == "ieee"  # a CPU tensor
 
 
+def test_tf32_follows_pytorchs_newer_precision_settings(monkeypatch):
+    """Set through `fp32_precision` (torch 2.9 on), where reading the older allow_tf32 flags
+    raises: cuDNN's conv setting decides while cuDNN convolves, cuBLAS's matmul setting without
+    it (fake CUDA tensors here)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastunet.kernels.conv2d_relu import _input_precision
+
+    with FakeTensorMode():
+        x = torch.empty(1, 2, 3, 3, device="cuda")
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    monkeypatch.setattr(kernels, "CUDNN_BUILT", True)
+    saved = cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, matmul.fp32_precision
+    try:
+        for enabled, conv, rnn, cublas, expected in [
+            (True, "ieee", "tf32", "none", "ieee"),
+            (True, "tf32", "ieee", "none", "tf32"),
+            (False, "tf32", "tf32", "tf32", "tf32"),
+            (False, "tf32", "tf32", "ieee", "ieee"),
+        ]:
+            cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = conv, rnn
+            matmul.fp32_precision = cublas
+            monkeypatch.setattr(cudnn, "enabled", enabled)  # cudnn.flags reads allow_tf32
+            assert _input_precision(x) == expected, (enabled, conv, rnn, cublas)
+    finally:
+        cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = saved[:2]
+        matmul.fp32_precision = saved[2]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["enc0.conv2", "enc3.conv2", "dec1.conv1"])
 def test_tf32_follows_cudnn_setting(name, monkeypatch):
