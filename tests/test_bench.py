@@ -1,5 +1,6 @@
 """`fastunet bench` on a CPU-only machine, and the FLOP and byte counts behind its rates."""
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -15,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastunet import ReferenceUNet, UNet
 from fastunet.bench.counts import model_counts
+from fastunet.bench.timing import ceilings
 from fastunet.cli import main
 from fastunet.ops import _choice, _timing
 
@@ -167,6 +169,35 @@ def test_cpu_timing_takes_turns_and_gives_each_step_its_median(monkeypatch):
     rounds = [("a", 0), ("b", 0)], [("b", 1), ("a", 1)]
     assert calls[4:] == [*rounds[0], *rounds[1], *rounds[0], *rounds[1], *rounds[0]]
     assert times == pytest.approx({"a": 1.0, "b": 3.0})  # a: 1, 2, 1, 2, 1 ms
+
+
+@pytest.fixture
+def cuda_device_entered(monkeypatch):
+    """torch.cuda.device recorded instead of entered, and triton's do_bench a stub that notes
+    the device current at each call: a list of them."""
+    import triton.testing
+
+    current, seen = [None], []
+
+    @contextlib.contextmanager
+    def device(d):
+        current.append(torch.device(d))
+        yield
+        current.pop()
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(triton.testing, "do_bench", lambda *a, **k: seen.append(current[-1]) or 1.0)
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: torch.empty(0))  # ceilings' operands
+    return seen
+
+
+def test_cuda_timing_makes_the_steps_device_current(cuda_device_entered):
+    """do_bench records its events and flushes L2 on the current device: steps on cuda:1 are
+    timed there, not on cuda:0 (the op layer's choices, fastunet bench --device cuda:1)."""
+    second = torch.device("cuda", 1)
+    assert _timing.compare_ms({"a": print, "b": print}, 1, second) == {"a": 1.0, "b": 1.0}
+    ceilings(second)
+    assert cuda_device_entered == [second] * 4
 
 
 def test_startup_script_times_cold_warm_and_reference_processes(tmp_path):

@@ -2,7 +2,8 @@
 
 The op layer times its per-layer choices with it, and the benchmark suite its rows. On CUDA,
 each step is timed on its own by `triton.testing.do_bench` (CUDA events, L2 flushed between
-runs), after its warm-up. On the CPU, whose speed drifts over seconds (clock boost, heat, other
+runs), after its warm-up, with the steps' device made current: do_bench records its events
+there. On the CPU, whose speed drifts over seconds (clock boost, heat, other
 processes), the steps take turns, one call each per round, so the drift falls on all of them
 alike.
 """
@@ -31,9 +32,9 @@ def compare_ms(
     warmup_ms of warm-up and over about rep_ms of repeats each (raise both for steps of tens of
     ms); on the CPU, in rounds for about rep_ms per step, after one warm-up call per input set."""
     if device.type == "cuda":
-        return {
-            name: _do_bench_ms(step, input_sets, warmup_ms, rep_ms) for name, step in steps.items()
-        }
+        with torch.cuda.device(device):  # do_bench's events and L2 flush use the current device
+            return {name: _do_bench_ms(step, input_sets, warmup_ms, rep_ms)
+                    for name, step in steps.items()}  # fmt: skip
     for step in steps.values():  # warm-up: one-time costs stay out of the numbers
         for i in range(input_sets):
             step(i)
