@@ -12,7 +12,9 @@
 # bench.json, bench.md, bench.png (the plot needs matplotlib), startup.json, profile.json.
 #
 # Variables:
-# - BENCH_ARGS and TEST_ARGS pass arguments on (TEST_ARGS="-n 8" with pytest-xdist).
+# - BENCH_ARGS and TEST_ARGS pass arguments on (TEST_ARGS="-n 8" with pytest-xdist; without
+#   it the tests run in one process, and tests.log says so). The `bigmem` tests (10-20 GiB of
+#   GPU memory each) run after the others, one at a time, as the stage "bigmem".
 # - DEADLINE (seconds after the start): every stage ends by then, each cut short (exit 124)
 #   where it would run longer, and a stage with under 20 s left is skipped, so the logs and a
 #   summary come back inside the call's limit.
@@ -89,10 +91,17 @@ for stage in $stages; do
       nvidia-smi >>"$out/info.txt" 2>&1
       ;;
     tests)
+      test_args=${TEST_ARGS:-}
+      if ! python3 -c "import xdist" 2>/dev/null && [[ " $test_args" =~ \ -n ]]; then
+        echo "== no pytest-xdist here: TEST_ARGS='$test_args' without -n" >>"$out/tests.log"
+        test_args=$(sed -E 's/(^|[[:space:]])-n[[:space:]]*[^[:space:]]+//g' <<<"$test_args")
+      fi
       # shellcheck disable=SC2086
       run_stage tests "$out/tests.log" python3 -m pytest tests -q -rs -p no:cacheprovider \
-        --durations=15 ${TEST_ARGS:-} \
+        --durations=15 -m "not bigmem" $test_args \
         --deselect tests/test_max_pool2d.py::test_compute_sanitizer_finds_no_errors
+      run_stage bigmem "$out/tests.log" python3 -m pytest tests -q -rs -p no:cacheprovider \
+        -m bigmem
       ;;
     sanitizer)
       run_stage sanitizer "$log" python3 -m pytest tests/test_max_pool2d.py -q -rs \

@@ -241,6 +241,7 @@ def test_unet_shapes_bitwise_repeatable_on_gpu(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.bigmem
 def test_batch_beyond_int32_offsets_on_gpu():
     """An activation of more than 2**31 elements: batch offsets must be int64."""
     x = torch.randn(2**31 // (64 * 64 * 64) + 2, 64, 64, 64, device="cuda", dtype=torch.bfloat16)

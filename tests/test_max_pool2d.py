@@ -292,6 +292,7 @@ def test_cuda_matches_pytorch_at_unet_shapes(channels, size, dtype, layout):
 
 
 @pytest.mark.gpu
+@pytest.mark.bigmem
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_cuda_tensor_over_2_31_elements(layout):
     shape = (4, 128, 2050, 2049)  # odd W: the last column is dropped

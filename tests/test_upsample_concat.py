@@ -301,6 +301,7 @@ def check_last_image(x_shape, skip_shape, mode, align_corners, device):
 
 
 @pytest.mark.gpu
+@pytest.mark.bigmem
 @pytest.mark.parametrize("mode,align_corners", MODES, ids=MODE_IDS)
 def test_output_beyond_int32_offsets_on_gpu(mode, align_corners):
     """An output of more than 2**31 elements: offsets past the mark must be int64."""
