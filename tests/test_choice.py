@@ -129,6 +129,28 @@ def test_ties_go_to_pytorch(cache, measured):
     assert spy.calls == 0
 
 
+def test_out_of_memory_while_timing_runs_pytorch_and_is_not_saved(cache, measured, monkeypatch):
+    """Timing needs more memory than the step: a model that fills the GPU gets PyTorch's path
+    for that layer in this process, and a later process measures again."""
+
+    def out_of_memory(*args):
+        measured.calls += 1
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(_choice, "measure", out_of_memory)
+    layer, x = conv_layer()
+    spy = Spy(lambda *args: None)
+    for _ in range(2):
+        out = run_conv(layer, x, spy)
+    assert spy.calls == 0 and measured.calls == 1
+    torch.testing.assert_close(out, F.relu(F.conv2d(x, layer.weight, layer.bias, padding=1)))
+    assert not list(cache.glob("choices-*.json"))
+    new_process(monkeypatch)
+    monkeypatch.setattr(_choice, "measure", measured)
+    run_conv(layer, x, spy)
+    assert spy.calls == 1 and measured.calls == 2
+
+
 def test_keys_name_device_op_pass_dtype_autocast_shapes_and_layout():
     x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     w = torch.randn(4, 3, 3, 3, requires_grad=True)

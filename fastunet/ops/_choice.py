@@ -19,7 +19,9 @@ Choices made without measuring (`_rule`):
   kernel's logic is tested against);
 - on meta tensors (shapes without data, as FLOP counting uses), PyTorch's own path;
 - inside torch.compile, a torch.jit trace or a CUDA graph capture nothing can be timed: a cached
-  choice, else the fastunet op (under torch.compile, always the fastunet op).
+  choice, else the fastunet op (under torch.compile, always the fastunet op);
+- where timing runs the GPU out of memory (a model that fills it), PyTorch's own path, kept in
+  this process and not saved.
 
 Where the CPU rule holds, a whole model's activations can still run in either memory format:
 oneDNN's convolutions are faster in channels_last for some shapes and passes and in NCHW for
@@ -137,6 +139,9 @@ CPU_CHOICE = Choice(
     "overhead; the _C max-pool twin is slower than aten's)",
 )
 INTERPRETER_CHOICE = Choice("fastunet", "TRITON_INTERPRET=1: the kernels run, to be tested")
+OUT_OF_MEMORY_CHOICE = Choice(
+    "torch", "not measured: the GPU ran out of memory while timing both paths (not saved)"
+)
 META_CHOICE = Choice(
     "torch",
     "meta tensor: no data to time; PyTorch's path, whose calls FlopCounterMode and other "
@@ -406,7 +411,15 @@ def choose_path(op: str, fastunet_fn: Callable, args: tuple) -> Choice:
     if backend.name in ("torch", "unsupported"):
         choice = Choice("torch", f"no fastunet kernel serves it: {backend.reason}")
     else:
-        choice = _saved_or_measured(key, x.device, PATHS, lambda: measure(op, fastunet_fn, args))
+        try:
+            choice = _saved_or_measured(
+                key, x.device, PATHS, lambda: measure(op, fastunet_fn, args)
+            )
+        except torch.cuda.OutOfMemoryError:
+            # Timing needs memory the step itself does not (a second forward and backward of
+            # the layer, do_bench's 256 MB L2 flush): a model that fills the GPU runs the path it
+            # would have run without fastunet. Kept in this process, not saved.
+            choice = OUT_OF_MEMORY_CHOICE
     if choice is None:
         return Choice("fastunet", "not measured yet, and nothing can be timed while tracing or "
                       "capturing a CUDA graph")  # fmt: skip
