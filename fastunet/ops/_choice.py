@@ -80,40 +80,11 @@ def _torch_conv2d_relu(x, weight, bias=None, padding=1, relu=True, negative_slop
 
 
 def _torch_upsample_concat(x, skip, mode="nearest", align_corners=False, skip_first=True):
-    # Not in a torch.jit trace: its check re-traces without grad, and the graphs must agree.
-    direct = not _is_training((x, skip)) and not torch.jit.is_tracing()
-    if mode == "nearest" and direct and _is_exact_double(x, skip):
-        return _nearest_double_concat(x, skip, skip_first)
+    # The plain composite: writing an exact 2x nearest upsample straight into the concat was
+    # slower on the CPU at small sizes, and no faster in the benchmark at 256x256 (2026-12-07).
     aligned = align_corners if mode == "bilinear" else None
     up = F.interpolate(x, size=skip.shape[-2:], mode=mode, align_corners=aligned)
     return torch.cat([skip, up] if skip_first else [up, skip], 1)
-
-
-def _is_exact_double(x, skip) -> bool:
-    return (
-        x.dtype == skip.dtype and x.device == skip.device and x.shape[0] == skip.shape[0]
-        and skip.shape[2:] == (2 * x.shape[2], 2 * x.shape[3])
-        and memory_format_of(x) == memory_format_of(skip)  # else cat picks the layout
-    )  # fmt: skip
-
-
-def _nearest_double_concat(x, skip, skip_first):
-    """interpolate + cat for an exact 2x nearest upsample, written straight into the output:
-    PyTorch's nearest source index at 2x is i // 2, so each pixel of x fills a 2x2 block. The
-    same values and layout, without the upsampled tensor or aten's copies around it (about 2x
-    faster on the CPU at a UNet's smaller decoder levels; without autograd only, whose backward
-    would sum in another order than upsample's)."""
-    n, c_skip, h, w = skip.shape
-    c_x = x.shape[1]
-    layout = memory_format_of(skip)
-    out = torch.empty((n, c_skip + c_x, h, w), dtype=skip.dtype, device=skip.device,
-                      memory_format=layout)  # fmt: skip
-    skip_part, up_part = (out[:, :c_skip], out[:, c_skip:]) if skip_first else (
-        out[:, c_x:], out[:, :c_x])  # fmt: skip
-    skip_part.copy_(skip)
-    blocks = (n, c_x, h // 2, 2, w // 2, 2)
-    up_part.view(blocks).copy_(x[:, :, :, None, :, None].expand(blocks))
-    return out
 
 
 def _torch_max_pool2d(x):
