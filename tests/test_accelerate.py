@@ -547,6 +547,44 @@ def test_training_batch_norm_in_an_eval_model_is_not_folded(torch_backend):
         compare(original, fast, torch.randn(2, 3, 16, 16))
 
 
+class _SequentialAsContainer(nn.Module):
+    """Calls its Sequentials' layers one by one, as diffusion UNets add a time embedding after a
+    block's conv, and slices one as perceptual losses take a VGG's features before a ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.embedding = nn.Linear(2, 4)
+        self.features = nn.Sequential(
+            nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+        )
+
+    def forward(self, x, t):
+        h = self.block[0](x) + self.embedding(t)[:, :, None, None]
+        h = self.block[2](self.block[1](h))
+        return self.features[:3](h) + self.features(h)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_sequential_used_as_a_container_runs_each_layer_as_itself(training, torch_backend):
+    """A chain folds only where its Sequential's own forward runs it: a layer called on its own
+    computes itself (the conv alone, not conv + BatchNorm + ReLU), as does a slice."""
+    torch.manual_seed(0)
+    original = _SequentialAsContainer().train(training)
+    fast = fastunet.accelerate(original)
+    x, t = torch.randn(2, 3, 8, 8), torch.randn(2, 2)
+    for _ in range(2):
+        expected, got = original(x, t), fast(x, t)
+        assert relative_error(got, expected) < 1e-5
+        if training:
+            assert torch.equal(fast.block[1].running_mean, original.block[1].running_mean)
+    counter = OpCounter()
+    with counter:
+        fast.block(x)  # the whole Sequential: its chain folds
+    batch_norms = sum(n for name, n in counter.counts.items() if "batch_norm" in name)
+    assert counter.counts[CONV] == 1 and batch_norms == int(training)
+
+
 @pytest.mark.parametrize("scope", ["module", "global"])
 def test_a_hook_registered_later_sees_each_layers_own_output(scope, torch_backend):
     """A hook on a layer that an op took over (the Sequential's conv, BatchNorm and ReLU; the

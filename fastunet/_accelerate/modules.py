@@ -6,6 +6,10 @@ Inputs the op does not take (not 4-D, not floating point, mixed dtypes) run PyTo
 Inside the model's forward on the CPU (`RuleScopedForward`), where every layer runs PyTorch's
 path by rule, the replacements run as the layers they replace were written.
 
+A Sequential whose layers hold a Chain (conv [+ BatchNorm2d] [+ activation]) gets a
+`ChainForward`, which computes the chain in one op. Only there: each layer called on its own
+(the Sequential used as a container, `seq[0](x)`) runs as itself.
+
 Outputs have the memory format the replaced layer's would have (the input's, as nn.Conv2d and
 torch.cat give), though the ops compute channels_last: the PyTorch layers that run between
 fastunet's then see what they see in the original model, so a dropout draws the same mask and a
@@ -71,6 +75,25 @@ def observed(module: nn.Module) -> bool:
     )
 
 
+def is_plain_sequential(module: nn.Module) -> bool:
+    """An nn.Sequential (or a subclass) that runs nn.Sequential's own forward, without hooks.
+    Not one with a ChainForward: a traced forward records its call as one layer's."""
+    return (
+        isinstance(module, nn.Sequential)
+        and type(module).forward is nn.Sequential.forward
+        and "forward" not in vars(module)
+        and not has_hooks(module)
+    )
+
+
+def run_order(sequential: nn.Sequential) -> list[nn.Module]:
+    """The layers a plain Sequential runs, in order, through nested plain Sequentials."""
+    layers = []
+    for child in sequential._modules.values():
+        layers += run_order(child) if is_plain_sequential(child) else [child]
+    return layers
+
+
 def batch_norm_folds(batch_norm: nn.BatchNorm2d) -> bool:
     """True when the BatchNorm2d is a fixed affine map now: eval mode with running statistics."""
     return not batch_norm.training and batch_norm.running_mean is not None
@@ -103,7 +126,8 @@ def _activation(x: Tensor, negative_slope: float | None) -> Tensor:
 class Chain:
     """What follows a convolution in a Sequential and is folded into its op: at most one
     BatchNorm2d, no-ops (Identity, Dropout) and an activation (`negative_slope`: None for none,
-    0.0 for ReLU). `layers`: the FusedConv2d and every layer after it that the chain covers."""
+    0.0 for ReLU). `layers`: the FusedConv2d and every layer after it that the chain covers, in
+    the Sequential's run order."""
 
     batch_norm: nn.BatchNorm2d | None
     noops: tuple[nn.Module, ...]
@@ -136,27 +160,21 @@ class Chain:
 
 
 class FusedConv2d(nn.Conv2d):
-    """nn.Conv2d (stride 1, zero padding) on fastunet's conv op, with the Chain after it in a
-    Sequential computed by the same op while the chain folds. Same parameters as the Conv2d."""
-
-    chain: Chain | None
+    """nn.Conv2d (stride 1, zero padding) on fastunet's conv op. Same parameters as the Conv2d;
+    a ChainForward computes the layers after it in the same op (`run`)."""
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, padding: int, chain: Chain | None) -> FusedConv2d:
+    def from_conv(cls, conv: nn.Conv2d, padding: int) -> FusedConv2d:
         fused = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, padding=padding,
             bias=conv.bias is not None, device="meta",
         )  # fmt: skip
         fused.weight, fused.bias = conv.weight, conv.bias
-        fused.chain = chain
         return fused.train(conv.training)
 
     def forward(self, x: Tensor) -> Tensor:
-        if inside_pytorch_by_rule():  # the convolution as written; its chain runs itself
+        if inside_pytorch_by_rule():  # as written
             return super().forward(x)
-        chain = self.chain
-        if chain is not None and chain.folds_now():
-            return self.run(x, chain.batch_norm, chain.negative_slope)
         return self.run(x, None, None)
 
     def run(
@@ -187,10 +205,6 @@ class FusedConv2d(nn.Conv2d):
         )  # fmt: skip
         return out.contiguous(memory_format=conv_layout(x, weight))
 
-    def extra_repr(self) -> str:
-        folded = f", folds={self.chain.describe()!r}" if self.chain is not None else ""
-        return super().extra_repr() + folded
-
 
 # fastunet's ops return channels_last; a replaced layer hands on the layout that the PyTorch layer
 # it replaces would have given.
@@ -216,35 +230,33 @@ def cat_layout(skip: Tensor, x: Tensor) -> torch.memory_format:
     return CHANNELS_LAST if both else torch.contiguous_format
 
 
-class _FoldedInto:
-    """Mixin for a layer of a Chain: it passes its input through while the convolution before
-    it computes it, and runs as itself otherwise."""
+class ChainForward:
+    """Stands in for the forward of a plain Sequential whose layers hold Chains (`chains`, by
+    their FusedConv2d; an instance attribute: class and state_dict stay): each chain runs as one
+    op while this forward runs its layers in order and it folds. A layer called on its own (the
+    Sequential used as a container) runs as itself, and so does a slice of the Sequential."""
 
-    fastunet_chain: Chain
+    def __init__(self, sequential: nn.Sequential, chains: dict[nn.Module, Chain]):
+        self.sequential, self.chains = sequential, chains
 
-    def forward(self, x: Tensor) -> Tensor:
-        if inside_pytorch_by_rule() or not self.fastunet_chain.folds_now():
-            return super().forward(x)
-        return x
-
-
-class FoldedBatchNorm2d(_FoldedInto, nn.BatchNorm2d):
-    """nn.BatchNorm2d folded into the FusedConv2d before it while in eval mode."""
-
-
-class FoldedReLU(_FoldedInto, nn.ReLU):
-    """nn.ReLU computed by the FusedConv2d before it while its chain folds."""
-
-
-class FoldedLeakyReLU(_FoldedInto, nn.LeakyReLU):
-    """nn.LeakyReLU computed by the FusedConv2d before it while its chain folds."""
-
-
-FOLDED = {
-    nn.BatchNorm2d: FoldedBatchNorm2d,
-    nn.ReLU: FoldedReLU,
-    nn.LeakyReLU: FoldedLeakyReLU,
-}
+    def __call__(self, input):
+        sequential, chains = self.sequential, self.chains
+        # Global hooks would miss the nested Sequentials that the run order looks through.
+        if inside_pytorch_by_rule() or any(_GLOBAL_HOOKS):
+            return type(sequential).forward(sequential, input)
+        layers = run_order(sequential)
+        i = 0
+        while i < len(layers):
+            chain = chains.get(layers[i])
+            span = 0 if chain is None else len(chain.layers)
+            # Its layers in the order they were found (modules compare by identity), folding now.
+            if chain and tuple(layers[i : i + span]) == chain.layers and chain.folds_now():
+                input = layers[i].run(input, chain.batch_norm, chain.negative_slope)
+                i += span
+            else:
+                input = layers[i](input)
+                i += 1
+        return input
 
 
 class AcceleratedMaxPool2d(nn.MaxPool2d):

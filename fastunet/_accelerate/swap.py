@@ -2,10 +2,10 @@
 and Conv2d and MaxPool2d wherever they are.
 
 A Sequential's forward is known (each layer feeds the next), so a run of layers in one, nested
-Sequentials flattened, can be fused without tracing any code: the Conv2d becomes a FusedConv2d
-that computes the chain after it, and the BatchNorm2d and activation of the chain become their
-Folded subclasses, which pass their input through while the chain folds. Nothing moves in the
-module tree, so the state_dict keys stay.
+Sequentials flattened, can be fused without tracing any code: the Conv2d becomes a FusedConv2d,
+and the Sequential's forward a ChainForward, which computes the conv and the chain after it in
+one op (the BatchNorm2d and activation stay as they are, and run themselves when called on
+their own). Nothing moves in the module tree, so the state_dict keys stay.
 """
 
 from __future__ import annotations
@@ -16,25 +16,17 @@ from dataclasses import dataclass
 from torch import nn
 
 from fastunet._accelerate.modules import (
-    FOLDED,
     AcceleratedMaxPool2d,
     Chain,
+    ChainForward,
     FusedConv2d,
     has_hooks,
+    is_plain_sequential,
 )
 from fastunet._accelerate.report import LEFT, AccelerationReport
 
 CONV_OP, POOL_OP = "fastunet::conv2d_relu", "fastunet::max_pool2d"
 NOOPS = (nn.Identity, nn.Dropout, nn.Dropout2d)
-
-
-def is_plain_sequential(module: nn.Module) -> bool:
-    """An nn.Sequential (or a subclass) that runs nn.Sequential's own forward, without hooks."""
-    return (
-        isinstance(module, nn.Sequential)
-        and type(module).forward is nn.Sequential.forward
-        and not has_hooks(module)
-    )
 
 
 def join(path: str, name: str) -> str:
@@ -172,6 +164,8 @@ def _stop_note(module: nn.Module | None) -> str:
 
 
 def _fuse_run(slots: list[Slot], uses: Counter, notes: dict, report: AccelerationReport):
+    """The chains of one plain Sequential's run of layers, by their FusedConv2d."""
+    chains = {}
     i = 0
     while i < len(slots):
         slot = slots[i]
@@ -185,18 +179,16 @@ def _fuse_run(slots: list[Slot], uses: Counter, notes: dict, report: Acceleratio
             notes[id(conv)] = _stop_note(stopped_at)
             i += 1
             continue
-        chain.layers = (FusedConv2d.from_conv(conv, padding, chain),
-                        *(slots[j].module for j in range(i + 1, last + 1)))  # fmt: skip
-        setattr(slot.parent, slot.name, chain.layers[0])
-        for follower in chain.layers[1:]:
-            if type(follower) in FOLDED:  # the BatchNorm2d and the activation
-                follower.__class__ = FOLDED[type(follower)]
-                follower.fastunet_chain = chain
+        fused = FusedConv2d.from_conv(conv, padding)
+        chain.layers = (fused, *(slots[j].module for j in range(i + 1, last + 1)))
+        setattr(slot.parent, slot.name, fused)
+        chains[fused] = chain
         why = "folds while the BatchNorm2d is in eval mode" if chain.batch_norm else ""
         if any(isinstance(m, nn.Dropout | nn.Dropout2d) for m in chain.noops):
             why = (why + "; " if why else "") + "folds while dropout is off"
         report.add(slot.path, chain.describe(), CONV_OP, why or _stop_note(stopped_at))
         i = last + 1
+    return chains
 
 
 def _fuse_sequentials(module: nn.Module, path: str, uses, notes, report, seen: set) -> None:
@@ -205,7 +197,9 @@ def _fuse_sequentials(module: nn.Module, path: str, uses, notes, report, seen: s
     seen.add(id(module))
     if is_plain_sequential(module):
         slots = _flatten(module, path)
-        _fuse_run(slots, uses, notes, report)
+        chains = _fuse_run(slots, uses, notes, report)
+        if chains:
+            module.forward = ChainForward(module, chains)
         children = [(slot.module, slot.path) for slot in slots]
     else:
         children = [(child, join(path, name)) for name, child in module.named_children()]
@@ -232,7 +226,7 @@ def swap_modules(model: nn.Module, report: AccelerationReport) -> None:
             if padding is None:
                 report.add(path, type(module).__name__, LEFT, why)
                 continue
-            _replace_everywhere(model, module, FusedConv2d.from_conv(module, padding, None))
+            _replace_everywhere(model, module, FusedConv2d.from_conv(module, padding))
             report.add(path, "conv2d", CONV_OP, notes.get(id(module), ""))
         elif isinstance(module, nn.MaxPool2d):
             why = pool_support(module)

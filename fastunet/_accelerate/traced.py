@@ -40,12 +40,13 @@ from fastunet._accelerate.modules import (
     FusedConv2d,
     conv_chain,
     has_hooks,
+    is_plain_sequential,
     max_pool2d,
     observed,
     upsample_concat,
 )
 from fastunet._accelerate.report import LEFT, AccelerationReport
-from fastunet._accelerate.swap import CONV_OP, POOL_OP, is_plain_sequential
+from fastunet._accelerate.swap import CONV_OP, POOL_OP
 from fastunet.ops._choice import inside_pytorch_by_rule
 
 UPSAMPLE_OP = "fastunet::upsample_concat"
@@ -568,7 +569,7 @@ def rewrite(graph: fx.Graph, root: nn.Module) -> list[tuple[str, str, str]]:
     for node in list(graph.nodes):
         if node.op == "call_module":
             layer = root.get_submodule(node.target)
-            if isinstance(layer, FusedConv2d) and layer.chain is None:
+            if isinstance(layer, FusedConv2d):
                 _rewrite_conv_chain(graph, node, root, rows)
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target in CATS:
