@@ -547,6 +547,60 @@ def test_training_batch_norm_in_an_eval_model_is_not_folded(torch_backend):
         compare(original, fast, torch.randn(2, 3, 16, 16))
 
 
+class _UntraceablePython(nn.Module):
+    """A decoder whose forward does what its trace would not keep: it draws random numbers
+    outside the tensors it computes (noise made from a shape, a coin for stochastic depth), sets
+    attributes, or computes part of itself without autograd."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.calls = kind, 0
+        self.frozen = nn.Conv2d(3, 3, 3, padding=1)
+        self.conv = nn.Conv2d(7, 3, 3, padding=1)
+
+    def forward(self, low, skip):
+        if self.kind == "frozen":
+            with torch.no_grad():  # a frozen, pretrained part
+                skip = F.relu(self.frozen(skip))
+        elif self.kind == "noise" and self.training:
+            skip = skip + 0.1 * torch.randn(skip.shape)
+        elif self.kind == "layer-drop" and self.training and torch.rand(1).item() < 0.5:
+            return skip
+        elif self.kind == "attributes":
+            self.calls += 1
+            self.attention = torch.sigmoid(skip.mean(1, keepdim=True))  # kept to look at
+        up = F.interpolate(low, scale_factor=2)
+        return F.relu(self.conv(torch.cat([skip, up], 1)))
+
+
+@pytest.mark.parametrize("kind", ["frozen", "noise", "layer-drop", "attributes"])
+def test_a_forward_whose_python_a_trace_cannot_keep_runs_as_written(kind, torch_backend):
+    """Its trace ran the Python again and kept one outcome: random draws, attribute writes and
+    grad modes then stopped happening. The trace is refused (and the random generator and the
+    attributes are put back), so every call matches the original, gradients and RNG too."""
+    torch.manual_seed(0)
+    original = _UntraceablePython(kind).train()
+    fast = fastunet.accelerate(original)
+    low, skip = torch.randn(2, 4, 4, 4), torch.randn(2, 3, 8, 8, requires_grad=True)
+    for seed in range(6):
+        outputs, draws = [], []
+        for model in (original, fast):
+            torch.manual_seed(seed)
+            model.zero_grad()
+            outputs.append(model(low, skip))
+            outputs[-1].sum().backward()
+            draws.append(torch.rand(1))  # the generator's state after the call
+        assert torch.equal(outputs[1], outputs[0]) and torch.equal(draws[1], draws[0]), seed
+        pairs = zip(fast.named_parameters(), original.parameters(), strict=True)
+        for (name, ours), theirs in pairs:
+            assert (ours.grad is None) == (theirs.grad is None), name
+    if kind == "attributes":
+        assert fast.calls == original.calls == 6
+        assert torch.equal(fast.attention, original.attention)
+    (row,) = fastunet.acceleration_report(fast).left()
+    assert "runs as written" in row.why
+
+
 class _SequentialAsContainer(nn.Module):
     """Calls its Sequentials' layers one by one, as diffusion UNets add a time embedding after a
     block's conv, and slices one as perceptual losses take a VGG's features before a ReLU."""

@@ -46,7 +46,7 @@ from fastunet._accelerate.modules import (
     upsample_concat,
 )
 from fastunet._accelerate.report import LEFT, AccelerationReport
-from fastunet._accelerate.swap import CONV_OP, POOL_OP
+from fastunet._accelerate.swap import CONV_OP, POOL_OP, join
 from fastunet.ops._choice import inside_pytorch_by_rule
 
 UPSAMPLE_OP = "fastunet::upsample_concat"
@@ -257,6 +257,49 @@ def _has_missing(value) -> bool:
     return bool(found)
 
 
+def _modes() -> tuple:
+    """The global modes a forward may change inside, which fx does not record."""
+    return (
+        torch.is_grad_enabled(),
+        torch.is_inference_mode_enabled(),
+        *((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")),
+    )
+
+
+def _random_states(cuda_devices: list[int]) -> list[Tensor]:
+    return [torch.random.get_rng_state(), *map(torch.cuda.get_rng_state, cuda_devices)]
+
+
+class _ModuleState:
+    """The attributes of a module and its submodules: whether tracing its forward changed any
+    (a counter, a tensor kept for later, fx's constants for tensors made at trace time), and
+    putting them back. Taken after the real call, so what that call set stays."""
+
+    def __init__(self, module: nn.Module):
+        self.saved = [
+            (path, m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules))
+            for path, m in module.named_modules()
+        ]
+
+    def changed(self) -> list[str]:
+        names = []
+        for path, m, *saved in self.saved:
+            for before, now in zip(saved, (vars(m), m._parameters, m._buffers, m._modules),
+                                   strict=True):  # fmt: skip
+                names += [join(path, k) for k in before.keys() | now.keys()
+                          if before.get(k, MISSING) is not now.get(k, MISSING)]  # fmt: skip
+        return sorted(set(names))
+
+    def restore(self) -> None:
+        for _, m, attributes, parameters, buffers, modules in self.saved:
+            vars(m).clear()
+            vars(m).update(attributes)
+            for now, before in zip((m._parameters, m._buffers, m._modules),
+                                   (parameters, buffers, modules), strict=True):  # fmt: skip
+                now.clear()
+                now.update(before)
+
+
 class _ShapeTracer(fx.Tracer):
     """fx's tracer, with each node's value computed on the meta device as it is recorded:
     layers' outputs come from the recorded real call, torch functions run on meta tensors."""
@@ -264,6 +307,7 @@ class _ShapeTracer(fx.Tracer):
     def __init__(self, values: tuple, records: list):
         super().__init__(param_shapes_constant=True)
         self.values, self.records = list(values), list(records)
+        self.modes = _modes()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return not is_plain_sequential(m)
@@ -276,6 +320,11 @@ class _ShapeTracer(fx.Tracer):
         return a.node if type(a) is _ShapedProxy else super().create_arg(a)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, *rest):
+        if _modes() != self.modes:
+            raise fx.proxy.TraceError(
+                "it changes grad mode or autocast inside (`with torch.no_grad()`...), which the "
+                "traced code would not"
+            )
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, *rest)
         node = proxy.node
         real = self._real_value(node)
@@ -654,15 +703,31 @@ class TracedForward:
             if not isinstance(value, Tensor)
         }
         tracer = _ShapeTracer(values, records)
+        # The trace runs the forward's Python a second time: what it draws from the random
+        # generators, or sets on the modules, is put back.
+        state = _ModuleState(module)
+        devices = sorted({v.device.index for v in values if isinstance(v, Tensor) and v.is_cuda})
         try:
-            graph = tracer.trace(module, concrete_args=concrete or None)
+            with torch.random.fork_rng(devices=devices):
+                generators = _random_states(devices)
+                graph = tracer.trace(module, concrete_args=concrete or None)
+                if not all(map(torch.equal, generators, _random_states(devices))):
+                    # torch.rand(1).item() < p, torch.randn(x.shape): drawn once, then fixed
+                    raise fx.proxy.TraceError("it draws random numbers the trace would fix")
             if tracer.records:
                 raise fx.proxy.TraceError("the trace ran fewer layers than the call did")
+            if changed := state.changed():
+                # A side effect the traced code would drop, or a tensor made from shapes alone
+                # (torch.zeros(x.shape)), which fx keeps as a constant.
+                raise fx.proxy.TraceError(f"it sets {', '.join(changed)}, which the traced "
+                                          "code would not, or would fix")  # fmt: skip
         except Exception as error:  # whatever the user's code raises under fx: run it as written
             message = str(error).strip().splitlines()[0] if str(error).strip() else ""
             why = f"not traceable with these inputs, runs as written ({type(error).__name__}"
             self.report.add(self.path, "forward", LEFT, why + (f": {message})" if message else ")"))
             return None, ()
+        finally:
+            state.restore()
         called = Counter(node.target for node in graph.nodes if node.op == "call_module")
         rows = rewrite(graph, module)
         for row in rows:
