@@ -271,8 +271,21 @@ def test_the_stamp_changes_with_a_rebuilt_extension(tmp_path, monkeypatch):
     assert stamp()["kernels"] not in (built["kernels"], resized["kernels"])
 
 
+def _current(entry: dict) -> str:
+    """A cache file of this version holding one entry."""
+    return json.dumps({"stamp": _choice.stamp(), "choices": {"k": entry}})
+
+
 @pytest.mark.parametrize(
-    "content", ["{not json", "[]", '{"stamp": {}, "choices": {"k": {"path": "cudnn"}}}']
+    "content",
+    [
+        "{not json",
+        "[]",
+        '{"stamp": {}, "choices": {"k": {"path": "cudnn"}}}',
+        _current({"path": "torch", "reason": "r", "note": "a hand edit"}),
+        _current({"path": "torch", "reason": "r", "times_ms": [1.0]}),
+    ],
+    ids=["not-json", "list", "unknown-path", "unknown-field", "times-not-a-dict"],
 )
 def test_a_corrupt_cache_is_ignored_with_a_warning(cache, measured, content):
     x = torch.empty(0)

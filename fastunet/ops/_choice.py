@@ -41,7 +41,7 @@ import re
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -66,6 +66,9 @@ class Choice:
     path: str  # "fastunet" or "torch" (PyTorch's own path); a layout choice: a LAYOUTS name
     reason: str
     times_ms: dict[str, float] | None = None
+
+
+CHOICE_FIELDS = {field.name for field in fields(Choice)}
 
 
 def _torch_conv2d_relu(x, weight, bias=None, padding=1, relu=True, negative_slope=0.0):
@@ -181,12 +184,7 @@ class ChoiceCache:
                 _warn(f"cannot read the choice cache {self.path} ({error}); {IGNORED}")
             return {}
         entries = data.get("choices") if isinstance(data, dict) else None
-        if not isinstance(entries, dict) or not all(
-            isinstance(e, dict)
-            and e.get("path") in (*PATHS, *LAYOUTS)
-            and isinstance(e.get("reason"), str)
-            for e in entries.values()
-        ):
+        if not isinstance(entries, dict) or not all(map(_is_choice, entries.values())):
             if warn:
                 _warn(f"the choice cache {self.path} is not in the expected form; {IGNORED}")
             return {}
@@ -217,6 +215,18 @@ class ChoiceCache:
                         f"cannot save the choice cache {self.path} ({error}); keeping it in memory"
                     )
                 self._save_failed = True
+
+
+def _is_choice(entry) -> bool:
+    """An entry `Choice(**entry)` rebuilds: its fields, and nothing else."""
+    if not isinstance(entry, dict) or not entry.keys() <= CHOICE_FIELDS:
+        return False
+    times = entry.get("times_ms")
+    if times is not None and not (
+        isinstance(times, dict) and all(isinstance(t, int | float) for t in times.values())
+    ):
+        return False
+    return entry.get("path") in (*PATHS, *LAYOUTS) and isinstance(entry.get("reason"), str)
 
 
 def _stamp_changes(old) -> str:
