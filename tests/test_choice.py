@@ -3,6 +3,7 @@
 Timings are injected: the logic is tested here, the speed by the benchmark suite.
 """
 
+import copy
 import json
 import os
 import threading
@@ -16,13 +17,13 @@ from helpers import (
     INPUT_LAYOUTS,
     UNET_AXES,
     UPSAMPLE_MODES,
-    assert_same_bits,
     drawn,
     in_layout,
     unet_size,
 )
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
 
 from fastunet import ReferenceUNet, UNet
 from fastunet.bench.parity import relative_error
@@ -495,6 +496,78 @@ def test_on_the_cpu_drawn_models_are_referenceunet_in_the_faster_layout_bit_for_
             assert torch.equal(a.grad, b.grad), name
 
 
+def test_a_layer_is_timed_out_of_sight_of_a_checkpoint_and_not_under_a_dispatch_mode(
+    cache, monkeypatch
+):
+    """The per-layer timing (a forward and backward of both paths) inside a non-reentrant
+    checkpoint, which counts what its region saves, is hidden from it; under a dispatch mode
+    (FlopCounterMode), which would count it, nothing is timed."""
+    monkeypatch.setattr(_choice, "_rule", lambda op, x: None)  # as on a GPU
+    measure = Spy(_choice.measure)
+    monkeypatch.setattr(_choice, "measure", measure)
+    layer, x = conv_layer()
+    x.requires_grad_()
+    with FlopCounterMode(display=False):
+        layer(x).sum().backward()
+    assert measure.calls == 0 and not _choice._decided
+    out = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+    out.sum().backward()
+    assert measure.calls == 1 and len(_choice._decided) == 1
+
+
+def _ensemble_step(models, x):
+    """The models' outputs at once, as torch.func.vmap over their stacked parameters."""
+    params, buffers = torch.func.stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+
+    def run(p, b):
+        return torch.func.functional_call(base, (p, b), (x,))
+
+    return torch.func.vmap(run)(params, buffers)
+
+
+@pytest.mark.parametrize(
+    "watcher", ["checkpoint", "forward-hook", "gradient-hook", "flop-counter", "vmap"]
+)
+def test_the_layout_timing_is_not_seen_by_the_caller(cache, cpu_rule, watcher):
+    """The first call of a shape times UNet in both layouts. A non-reentrant checkpoint, which
+    counts the tensors its region saves, does not see those runs; hooks, a dispatch mode and a
+    functorch transform would, so there nothing is timed and x's layout runs. Each sees one
+    call of UNet, as of ReferenceUNet."""
+    torch.manual_seed(0)
+    reference = ReferenceUNet(3, 2, 4, 2)
+    fast = UNet.from_reference(reference)
+    x = torch.randn(2, 3, 16, 12)
+    if watcher == "checkpoint":
+        out = torch.utils.checkpoint.checkpoint(fast, x, use_reentrant=False)
+        out.sum().backward()
+        reference(x).sum().backward()
+        for (name, a), b in zip(fast.named_parameters(), reference.parameters(), strict=True):
+            assert relative_error(a.grad, b.grad) < 1e-5, name
+    elif watcher in ("forward-hook", "gradient-hook"):
+        calls = []
+        if watcher == "forward-hook":
+            fast.encoders[0].register_forward_hook(lambda *args: calls.append(1))
+        else:
+            fast.head.weight.register_hook(lambda grad: calls.append(1))
+        fast(x).sum().backward()
+        assert calls == [1]
+    elif watcher == "flop-counter":
+        counts = []
+        for model in (fast, reference):
+            with FlopCounterMode(display=False) as counter:
+                model(x).sum().backward()
+            counts.append(counter.get_total_flops())
+        assert counts[0] == counts[1]
+    else:
+        others = [UNet(3, 2, 4, 2), ReferenceUNet(3, 2, 4, 2)]
+        for _ in range(2):  # and again, with x's shape timed and its layout kept
+            out = _ensemble_step([fast, others[0]], x)
+            expected = _ensemble_step([reference, others[0].to_reference()], x)
+            assert relative_error(out, expected) < 1e-5
+            fast(x)
+
+
 def test_the_layout_is_measured_once_per_shape_and_pass_whatever_the_input_layout(
     cache, cpu_rule, layout_times
 ):
@@ -576,28 +649,6 @@ def test_measure_layouts_times_both_and_leaves_grads_rng_and_recording_alone(cac
         assert len(calls) == 1 + 13  # the layout and one forward's layer calls, not the timed ones
     assert x.grad is None and all(p.grad is None for p in fast.parameters())
     assert torch.equal(torch.get_rng_state(), rng)
-
-
-@pytest.mark.parametrize("skip_first", [True, False])
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
-@pytest.mark.parametrize("size", [(6, 4), (1, 2)])
-def test_pytorchs_nearest_2x_concat_is_interpolate_and_cat_bit_for_bit(
-    skip_first, layout, dtype, size, monkeypatch
-):
-    """Without autograd, PyTorch's path writes an exact 2x nearest upsample straight into the
-    concat: the same bits, the same layout."""
-    x = torch.randn(2, 3, *size, dtype=dtype).contiguous(memory_format=layout)
-    skip = torch.randn(2, 5, 2 * size[0], 2 * size[1], dtype=dtype)
-    skip = skip.contiguous(memory_format=layout)
-    x[0, 0, 0, 0], skip[1, 1, 0, 0] = float("nan"), -0.0
-    up = F.interpolate(x, size=skip.shape[-2:], mode="nearest")
-    expected = torch.cat([skip, up] if skip_first else [up, skip], 1)
-    monkeypatch.setattr(F, "interpolate", None)  # the direct write, not interpolate, runs
-    with torch.no_grad():
-        got = _choice.TORCH_PATHS["upsample_concat"](x, skip, "nearest", False, skip_first)
-    assert got.stride() == expected.stride()
-    assert_same_bits(got, expected)
 
 
 def test_info_says_which_layout_unets_activations_take(cache, monkeypatch):

@@ -36,26 +36,7 @@ from fastunet.ops._choice import (
     run_layer,
     runs_pytorch_by_rule,
 )
-from fastunet.ops._common import CHANNELS_LAST, memory_format_of
-
-
-def has_hooks(module: nn.Module) -> bool:
-    """A hook would see other tensors once the module is fused, so hooked modules are left."""
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-    )
-
-
-# The hooks registered for every module (nn.modules.module.register_module_forward_hook, ...):
-# dicts that registering adds to in place.
-_GLOBAL_HOOKS = tuple(
-    getattr(nn.modules.module, name, {})
-    for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
-                 "_global_backward_hooks", "_global_backward_pre_hooks")
-)  # fmt: skip
+from fastunet.ops._common import CHANNELS_LAST, GLOBAL_HOOKS, has_hooks, memory_format_of
 
 
 def observed(module: nn.Module) -> bool:
@@ -66,7 +47,7 @@ def observed(module: nn.Module) -> bool:
         module._forward_pre_hooks
         or module._backward_hooks
         or module._backward_pre_hooks
-        or any(_GLOBAL_HOOKS)
+        or any(GLOBAL_HOOKS)
     ):
         return True
     hooks = module._forward_hooks
@@ -242,7 +223,7 @@ class ChainForward:
     def __call__(self, input):
         sequential, chains = self.sequential, self.chains
         # Global hooks would miss the nested Sequentials that the run order looks through.
-        if inside_pytorch_by_rule() or any(_GLOBAL_HOOKS):
+        if inside_pytorch_by_rule() or any(GLOBAL_HOOKS):
             return type(sequential).forward(sequential, input)
         layers = run_order(sequential)
         i = 0

@@ -20,10 +20,10 @@ from fastunet._accelerate.modules import (
     Chain,
     ChainForward,
     FusedConv2d,
-    has_hooks,
     is_plain_sequential,
 )
 from fastunet._accelerate.report import LEFT, AccelerationReport
+from fastunet.ops._common import has_hooks
 
 CONV_OP, POOL_OP = "fastunet::conv2d_relu", "fastunet::max_pool2d"
 NOOPS = (nn.Identity, nn.Dropout, nn.Dropout2d)

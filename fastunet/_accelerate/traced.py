@@ -39,7 +39,6 @@ from torch import Tensor, nn
 from fastunet._accelerate.modules import (
     FusedConv2d,
     conv_chain,
-    has_hooks,
     is_plain_sequential,
     max_pool2d,
     observed,
@@ -48,6 +47,7 @@ from fastunet._accelerate.modules import (
 from fastunet._accelerate.report import LEFT, AccelerationReport
 from fastunet._accelerate.swap import CONV_OP, POOL_OP, join
 from fastunet.ops._choice import inside_pytorch_by_rule
+from fastunet.ops._common import has_hooks
 
 UPSAMPLE_OP = "fastunet::upsample_concat"
 # A forward is traced only if its code names one of these (by attribute or global name).

@@ -46,6 +46,8 @@ class UNet(UNetBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
+        if torch._C._functorch.maybe_current_level() is not None:
+            return self._run(x)  # vmap, grad: a layout cannot be asked for or chosen there
         layout = memory_format_of(x)
         if x.is_cuda:  # the kernels' layout, and cuDNN's fastest for half types
             out = self._run(in_memory_format(x, torch.channels_last))
@@ -62,7 +64,7 @@ class UNet(UNetBase):
         not measured yet, the input's)."""
         weights = memory_format_of(self.encoders[0].conv2.weight)  # oneDNN follows them
         config = {**self.config, "weights": str(weights).removeprefix("torch.")}
-        return choose_layout("unet", self._run, x, self.parameters, config)
+        return choose_layout("unet", self._run, x, self, config)
 
     def _run(self, x: Tensor) -> Tensor:
         skips = []

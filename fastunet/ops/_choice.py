@@ -18,8 +18,9 @@ Choices made without measuring (`_rule`):
   overhead, and the `_C` max-pool twin is slower than aten's (it stays the oracle that the CUDA
   kernel's logic is tested against);
 - on meta tensors (shapes without data, as FLOP counting uses), PyTorch's own path;
-- inside torch.compile, a torch.jit trace or a CUDA graph capture nothing can be timed: a cached
-  choice, else the fastunet op (under torch.compile, always the fastunet op);
+- inside torch.compile, a torch.jit trace, a CUDA graph capture, a functorch transform (vmap)
+  or a dispatch mode (FlopCounterMode) nothing is timed: a cached choice, else the fastunet op
+  (under torch.compile, always the fastunet op);
 - where timing runs the GPU out of memory (a model that fills it), PyTorch's own path, kept in
   this process and not saved.
 
@@ -51,7 +52,7 @@ from torch import Tensor
 from fastunet._version import __version__
 from fastunet.kernels import INTERPRET
 from fastunet.ops._backend import choose, forced_backend, native_extension, package_version
-from fastunet.ops._common import CHANNELS_LAST, in_memory_format, memory_format_of
+from fastunet.ops._common import CHANNELS_LAST, in_memory_format, memory_format_of, watched
 from fastunet.ops._timing import compare_ms
 
 FORMAT = 1
@@ -363,10 +364,26 @@ def runs_pytorch_by_rule(x: Tensor) -> bool:
 
 
 def _cannot_time(device: torch.device) -> bool:
-    """Inside a CUDA graph capture, or a torch.jit trace, which would record the timing runs."""
-    return torch.jit.is_tracing() or (
-        device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    """Where timing runs would be recorded, refused or counted: a torch.jit trace, a CUDA graph
+    capture, a functorch transform (vmap, grad), a dispatch mode (FlopCounterMode...), or with
+    saved-tensor hooks turned off (timing hides its graphs from the caller's: `_unseen`)."""
+    return (
+        torch.jit.is_tracing()
+        or torch._C._functorch.maybe_current_level() is not None
+        or torch._C._len_torch_dispatch_stack() > 0
+        or not torch._C._autograd._saved_tensors_hooks_is_enabled()
+        or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
     )
+
+
+def _same(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+def _unseen():
+    """Timing runs' autograd graphs out of sight of the caller's saved-tensor hooks (a
+    non-reentrant checkpoint counts the tensors its region saves): the innermost hooks apply."""
+    return torch.autograd.graph.saved_tensors_hooks(_same, _same)
 
 
 def call_key(op: str, args: tuple) -> tuple:
@@ -402,19 +419,23 @@ def choose_path(op: str, fastunet_fn: Callable, args: tuple) -> Choice:
             # would have run without fastunet. Kept in this process, not saved.
             choice = OUT_OF_MEMORY_CHOICE
     if choice is None:
-        return Choice("fastunet", "not measured yet, and nothing can be timed while tracing or "
-                      "capturing a CUDA graph")  # fmt: skip
+        return Choice("fastunet", "not measured yet, and nothing is timed here (a trace, a CUDA "
+                      "graph capture, vmap, a dispatch mode)")  # fmt: skip
     _decided[memo] = choice
     return choice
 
 
 def _saved_or_measured(key: str, device: torch.device, paths, timings) -> Choice | None:
-    """The choice saved for key, else the fastest of `timings()` (name -> ms), saved now; None
-    where nothing can be timed. Ties go to the later name: PyTorch's own path for a layer."""
+    """The choice saved for key, else the fastest of `timings()` (name -> ms, or None where the
+    caller would see the runs), saved now; None where nothing can be timed. Ties go to the later
+    name: PyTorch's own path for a layer."""
     cache = _cache_for(device)
     choice = cache.get(key, paths)
     if choice is None and not _cannot_time(device):
-        times = timings()
+        with _unseen():
+            times = timings()
+        if times is None:  # the caller would see the runs
+            return None
         path = min(reversed(times), key=times.get)
         reason = "measured: " + ", ".join(f"{name} {t:.4g} ms" for name, t in times.items())
         choice = Choice(path, reason, times)
@@ -448,12 +469,14 @@ def choose_layout(
     model: str,
     run: Callable[[Tensor], Tensor],
     x: Tensor,
-    params: Callable[[], Iterator[Tensor]],
+    module: torch.nn.Module,
     config: dict,
 ) -> torch.memory_format:
-    """The memory format in which `run`, a whole model whose layers all run PyTorch's path by
-    the CPU rule, computes best on x: timed in both on the first call of a (model, config,
-    device, pass, dtype, autocast, input shape) and kept, in this process and in the cache file.
+    """The memory format in which `run`, a whole model (`module`) whose layers all run PyTorch's
+    path by the CPU rule, computes best on x: timed in both on the first call of a (model,
+    config, device, pass, dtype, autocast, input shape) and kept, in this process and in the
+    cache file. Not timed, but x's, where the timing runs would be seen: see `_cannot_time`, and
+    hooks on the module (they would fire for each run).
 
     Why measured: oneDNN's convolutions are faster in channels_last for some shapes and passes,
     and in NCHW for others (on a 2-core x86 CPU, a UNet's inference ran 1.2-1.4x faster in
@@ -464,7 +487,7 @@ def choose_layout(
     """
     # Not a list of the parameters on every call: gathering them costs about as much as a layer.
     training = torch.is_grad_enabled() and (
-        x.requires_grad or any(p.requires_grad for p in params())
+        x.requires_grad or any(p.requires_grad for p in module.parameters())
     )
     settings = tuple(config.items())
     memo = ("layout", model, x.device, training, _autocast_dtype(x.device), x.dtype, x.shape,
@@ -474,9 +497,8 @@ def choose_layout(
         described = ["x".join(map(str, x.shape)), *(f"{k}={v}" for k, v in settings)]
         key = _text_key(f"{model}-layout", x, training, described)
     if choice is None:
-        choice = _saved_or_measured(
-            key, x.device, LAYOUTS, lambda: _measure_layouts(run, x, list(params()), training)
-        )
+        choice = _saved_or_measured(key, x.device, LAYOUTS, lambda: None if watched(module)
+                                    else _measure_layouts(run, x, module, training))  # fmt: skip
         if choice is None:
             return memory_format_of(x)
         _decided[memo] = choice
@@ -485,14 +507,14 @@ def choose_layout(
     return LAYOUTS[choice.path]
 
 
-def _measure_layouts(run, x: Tensor, params: list[Tensor], training: bool) -> dict[str, float]:
+def _measure_layouts(run, x: Tensor, module, training: bool) -> dict[str, float]:
     """Median ms of `run` with x in each layout: forward alone, or forward and backward to the
     parameters (and x if it needs a gradient), on fresh leaves, so nothing gathers a gradient.
     The layer calls made while timing are not recorded."""
     global _recording
     leaves = {name: in_memory_format(x.detach(), layout).requires_grad_(x.requires_grad)
               for name, layout in LAYOUTS.items()}  # fmt: skip
-    needs_grad = [p for p in params if p.requires_grad]
+    needs_grad = [p for p in module.parameters() if p.requires_grad]
 
     def step(leaf: Tensor) -> None:
         if not training:

@@ -10,6 +10,34 @@ from torch.autograd import forward_ad
 
 CHANNELS_LAST = torch.channels_last
 
+# The hooks registered for every module (nn.modules.module.register_module_forward_hook, ...):
+# dicts that registering adds to in place.
+GLOBAL_HOOKS = tuple(
+    getattr(torch.nn.modules.module, name, {})
+    for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                 "_global_backward_hooks", "_global_backward_pre_hooks")
+)  # fmt: skip
+
+
+def has_hooks(module: torch.nn.Module) -> bool:
+    """Whether a hook of the module's own would see its input or output."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
+
+
+def watched(model: torch.nn.Module) -> bool:
+    """Whether extra runs of the model would be seen: hooks on its modules (its own or every
+    module's) or on its parameters' gradients."""
+    return (
+        any(GLOBAL_HOOKS)
+        or any(map(has_hooks, model.modules()))
+        or any(p._backward_hooks or p._post_accumulate_grad_hooks for p in model.parameters())
+    )
+
 
 def check_activation(op: str, name: str, t: torch.Tensor) -> None:
     """A 4-D floating-point (N, C, H, W) tensor, else a clear error naming the shape or dtype."""
