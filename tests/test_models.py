@@ -61,6 +61,7 @@ CASES = [
     (2, 3, 19, 16, 1, 5, "bilinear", True),
     (1, 2, 33, 35, 4, 2, "nearest", False),
     (1, 3, 16, 31, 4, 2, "bilinear", False),
+    (1, 3, 12, 10, 2, 3, "nearest", True),  # ReferenceUNet ignores align_corners for nearest
 ]
 
 

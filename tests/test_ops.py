@@ -14,6 +14,7 @@ from torch.library import opcheck
 
 from fastunet import ops
 from fastunet.bench.parity import relative_error
+from fastunet.nn import UpsampleConcat
 from fastunet.ops import _backend
 from fastunet.ops._common import in_memory_format, memory_format_of
 from fastunet.ops.conv2d_relu import conv2d_grad, conv2d_relu_grad_output
@@ -236,6 +237,16 @@ def test_output_layouts():
          "x must be 4-D"),
         (lambda: ops.upsample_concat(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 8, 8), "bicubic"),
          ValueError, "mode must be one of"),
+        # F.interpolate refuses it too
+        (lambda: ops.upsample_concat(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 8, 8), "nearest",
+                                     True),
+         ValueError, "align_corners=True is for mode 'bilinear', not 'nearest'"),
+        (lambda: ops.upsample_concat_conv2d_relu(torch.randn(1, 3, 4, 4), torch.randn(1, 2, 8, 8),
+                                                 torch.randn(4, 5, 3, 3), align_corners=True),
+         ValueError, "upsample_concat_conv2d_relu: align_corners=True is for mode 'bilinear'"),
+        (lambda: UpsampleConcat("nearest", True)(torch.randn(1, 3, 4, 4),
+                                                 torch.randn(1, 3, 8, 8)),
+         ValueError, "align_corners"),
         (lambda: ops.upsample_concat(torch.randn(1, 3, 4, 4).double(), torch.randn(1, 3, 8, 8)),
          TypeError, "skip is torch.float32 but x is torch.float64"),
         (lambda: ops.upsample_concat(torch.randn(1, 3, 4, 4),

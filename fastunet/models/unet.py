@@ -74,10 +74,11 @@ class UNet(UNetBase):
             x = encoder(x)
             skips.append(x)
         x = skips.pop()
+        aligned = self.align_corners and self.upsample == "bilinear"  # as ReferenceUNet ignores it
         for level in reversed(range(self.depth)):
             # The first conv reads skip and the upsampled x directly: no concat tensor.
             decoder = self.decoders[level]
-            x = decoder.conv1.forward_upsampled(x, skips[level], self.upsample, self.align_corners)
+            x = decoder.conv1.forward_upsampled(x, skips[level], self.upsample, aligned)
             x = decoder.conv2(x)
         return self.head(x)
 

@@ -86,7 +86,7 @@ def _torch_conv2d_relu(x, weight, bias=None, padding=1, relu=True, negative_slop
 def _torch_upsample_concat(x, skip, mode="nearest", align_corners=False, skip_first=True):
     # The plain composite: writing an exact 2x nearest upsample straight into the concat was
     # slower on the CPU at small sizes, and no faster in the benchmark at 256x256 (2026-12-07).
-    aligned = align_corners if mode == "bilinear" else None
+    aligned = None if mode == "nearest" and not align_corners else align_corners  # None: unset
     up = F.interpolate(x, size=skip.shape[-2:], mode=mode, align_corners=aligned)
     return torch.cat([skip, up] if skip_first else [up, skip], 1)
 

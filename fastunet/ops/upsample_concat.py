@@ -30,13 +30,17 @@ OP = "upsample_concat"
 MODES = ("nearest", "bilinear")
 
 
-def _check(x: Tensor, skip: Tensor, mode: str, op: str = OP) -> tuple[int, ...]:
+def _check(
+    x: Tensor, skip: Tensor, mode: str, align_corners: bool, op: str = OP
+) -> tuple[int, ...]:
     """Validate the arguments; return the output shape. `op` names the op in the errors."""
     refuse_forward_ad(op)
     check_activation(op, "x", x)
     check_activation(op, "skip", skip)
     if mode not in MODES:
         raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
+    if align_corners and mode == "nearest":  # as F.interpolate refuses it
+        raise ValueError(f"{op}: align_corners=True is for mode 'bilinear', not 'nearest'")
     check_same_device_and_dtype(op, x=x, skip=skip)
     if x.shape[0] != skip.shape[0]:
         raise ValueError(
@@ -71,7 +75,7 @@ def upsample_concat(
 ) -> Tensor:
     """Upsample x to skip's H, W and concatenate [skip, upsampled] on channels (or [upsampled,
     skip] when not skip_first), channels_last."""
-    out = empty_channels_last(_check(x, skip, mode), skip)
+    out = empty_channels_last(_check(x, skip, mode, align_corners), skip)
     if choose(OP, x.device, x.dtype).is_triton:
         from fastunet.kernels.upsample_concat import upsample_concat_forward
 
@@ -92,7 +96,7 @@ def _parts(t: Tensor, c_skip: int, c_x: int, skip_first: bool) -> tuple[Tensor, 
 
 @upsample_concat.register_fake
 def _(x, skip, mode="nearest", align_corners=False, skip_first=True):
-    return empty_channels_last(_check(x, skip, mode), skip)
+    return empty_channels_last(_check(x, skip, mode, align_corners), skip)
 
 
 @torch.library.custom_op("fastunet::upsample_grad", mutates_args=())

@@ -33,9 +33,9 @@ from fastunet.ops.upsample_concat import upsample_concat, upsample_grad
 OP = "upsample_concat_conv2d_relu"
 
 
-def _check(x, skip, weight, bias, padding, mode) -> tuple[int, ...]:
+def _check(x, skip, weight, bias, padding, mode, align_corners) -> tuple[int, ...]:
     """Validate the arguments; return the output shape."""
-    concat_shape = check_upsample_concat(x, skip, mode, OP)
+    concat_shape = check_upsample_concat(x, skip, mode, align_corners, OP)
     return check_conv(OP, "cat([skip, upsample(x)])", concat_shape, skip, weight, bias, padding)
 
 
@@ -62,7 +62,7 @@ def upsample_concat_conv2d_relu(
 ) -> Tensor:
     """conv2d_relu(upsample_concat(x, skip, mode, align_corners), weight, bias, padding, relu)
     without the concat tensor; returns a channels_last tensor."""
-    _check(x, skip, weight, bias, padding, mode)
+    _check(x, skip, weight, bias, padding, mode, align_corners)
     if kernels := _triton_kernels(x):
         with kernel_device(x):
             concat = (skip, mode, align_corners)
@@ -73,7 +73,7 @@ def upsample_concat_conv2d_relu(
 
 @upsample_concat_conv2d_relu.register_fake
 def _(x, skip, weight, bias=None, padding=1, relu=True, mode="nearest", align_corners=False):
-    return empty_channels_last(_check(x, skip, weight, bias, padding, mode), x)
+    return empty_channels_last(_check(x, skip, weight, bias, padding, mode, align_corners), x)
 
 
 @torch.library.custom_op("fastunet::upsample_concat_conv2d_grad", mutates_args=())
