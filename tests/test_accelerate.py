@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from helpers import INPUT_LAYOUTS, KERNEL_DEVICE, drawn, in_layout
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -599,6 +600,51 @@ def test_a_forward_whose_python_a_trace_cannot_keep_runs_as_written(kind, torch_
         assert torch.equal(fast.attention, original.attention)
     (row,) = fastunet.acceleration_report(fast).left()
     assert "runs as written" in row.why
+
+
+class _Swish(torch.autograd.Function):
+    """A memory-saving activation, as efficientnet_pytorch writes one."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return grad * s * (1 + x * (1 - s))
+
+
+class _CheckpointedEncoder(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.encoder = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU())
+        self.decoder = nn.Conv2d(8, 2, 3, padding=1)
+
+    def forward(self, x):
+        if self.kind == "function":
+            skip = _Swish.apply(self.encoder(x))
+        else:
+            reentrant = self.kind == "reentrant"
+            skip = torch.utils.checkpoint.checkpoint(self.encoder, x, use_reentrant=reentrant)
+        up = F.interpolate(F.max_pool2d(skip, 2), scale_factor=2.0)
+        return self.decoder(torch.cat([skip, up], 1))
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "reentrant", "function"])
+def test_a_forward_with_a_checkpoint_or_autograd_function_runs_as_written(kind, torch_backend):
+    """Tracing handed them a traced value as a tensor, and the process died (segmentation
+    fault) at the first call: such a forward now runs as written."""
+    torch.manual_seed(0)
+    original = _CheckpointedEncoder(kind)
+    fast = fastunet.accelerate(original)
+    for _ in range(2):
+        compare(original, fast, torch.randn(1, 2, 8, 8))
+    (row,) = fastunet.acceleration_report(fast).left()
+    assert "which a trace cannot follow" in row.why
 
 
 class _SequentialAsContainer(nn.Module):

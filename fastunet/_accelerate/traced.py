@@ -24,16 +24,18 @@ inlines it), any other runs the forward as written.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import types
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from fastunet._accelerate.modules import (
@@ -264,6 +266,40 @@ def _modes() -> tuple:
         torch.is_inference_mode_enabled(),
         *((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")),
     )
+
+
+def _holds_proxy(values) -> bool:
+    found = []
+    fx.node.map_aggregate(values, lambda v: found.append(v) if type(v) is _ShapedProxy else v)
+    return bool(found)
+
+
+@contextlib.contextmanager
+def _refusing_autograd_functions() -> Iterator[None]:
+    """A custom autograd.Function or an activation checkpoint called on a traced value would
+    hand it to C++ as a tensor (a _ShapedProxy says it is one), which crashes the process:
+    while tracing, such a call fails the trace instead."""
+    function_apply = vars(torch.autograd.Function)["apply"]
+    checkpointed = torch.utils.checkpoint._checkpoint_without_reentrant_generator
+
+    def refuse(name, call):
+        def guarded(*args, **kwargs):
+            if _holds_proxy((args, kwargs)):
+                raise fx.proxy.TraceError(f"it calls {name}, which a trace cannot follow")
+            return call(*args, **kwargs)
+
+        return guarded
+
+    apply = refuse("a custom autograd.Function", function_apply.__func__)
+    torch.autograd.Function.apply = classmethod(apply)
+    torch.utils.checkpoint._checkpoint_without_reentrant_generator = refuse(
+        "torch.utils.checkpoint", checkpointed
+    )
+    try:
+        yield
+    finally:
+        torch.autograd.Function.apply = function_apply
+        torch.utils.checkpoint._checkpoint_without_reentrant_generator = checkpointed
 
 
 def _random_states(cuda_devices: list[int]) -> list[Tensor]:
@@ -708,7 +744,7 @@ class TracedForward:
         state = _ModuleState(module)
         devices = sorted({v.device.index for v in values if isinstance(v, Tensor) and v.is_cuda})
         try:
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices), _refusing_autograd_functions():
                 generators = _random_states(devices)
                 graph = tracer.trace(module, concrete_args=concrete or None)
                 if not all(map(torch.equal, generators, _random_states(devices))):
