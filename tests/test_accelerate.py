@@ -551,16 +551,25 @@ def test_training_batch_norm_in_an_eval_model_is_not_folded(torch_backend):
 class _UntraceablePython(nn.Module):
     """A decoder whose forward does what its trace would not keep: it draws random numbers
     outside the tensors it computes (noise made from a shape, a coin for stochastic depth), sets
-    attributes, or computes part of itself without autograd."""
+    attributes or updates a buffer, computes part of itself without autograd, updates its input
+    in place, or reads a value into Python where an `except` would catch the trace's error."""
 
     def __init__(self, kind):
         super().__init__()
         self.kind, self.calls = kind, 0
         self.frozen = nn.Conv2d(3, 3, 3, padding=1)
         self.conv = nn.Conv2d(7, 3, 3, padding=1)
+        self.register_buffer("steps", torch.zeros(()))
 
     def forward(self, low, skip):
-        if self.kind == "frozen":
+        if self.kind == "buffer":
+            self.steps += 1
+        elif self.kind == "input-in-place":
+            skip *= 0.5
+        elif self.kind == "caught-value":
+            with contextlib.suppress(Exception):  # an empty tensor, say
+                skip = skip / float(skip.detach().abs().max())
+        elif self.kind == "frozen":
             with torch.no_grad():  # a frozen, pretrained part
                 skip = F.relu(self.frozen(skip))
         elif self.kind == "noise" and self.training:
@@ -574,24 +583,31 @@ class _UntraceablePython(nn.Module):
         return F.relu(self.conv(torch.cat([skip, up], 1)))
 
 
-@pytest.mark.parametrize("kind", ["frozen", "noise", "layer-drop", "attributes"])
+UNTRACEABLE = ["frozen", "noise", "layer-drop", "attributes", "buffer", "input-in-place",
+               "caught-value"]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", UNTRACEABLE)
 def test_a_forward_whose_python_a_trace_cannot_keep_runs_as_written(kind, torch_backend):
-    """Its trace ran the Python again and kept one outcome: random draws, attribute writes and
-    grad modes then stopped happening. The trace is refused (and the random generator and the
-    attributes are put back), so every call matches the original, gradients and RNG too."""
+    """Its trace ran the Python again and kept one outcome: random draws, attribute and buffer
+    updates, grad modes and in-place updates of its input then stopped happening, and a value
+    read into Python took the branch of the trace's error. The trace is refused (what it drew or
+    set is put back), so every call matches the original, gradients, RNG and buffers too."""
     torch.manual_seed(0)
     original = _UntraceablePython(kind).train()
     fast = fastunet.accelerate(original)
-    low, skip = torch.randn(2, 4, 4, 4), torch.randn(2, 3, 8, 8, requires_grad=True)
+    low, skip = torch.randn(2, 4, 4, 4), torch.randn(2, 3, 8, 8) * 5
     for seed in range(6):
-        outputs, draws = [], []
+        outputs, draws, skips = [], [], []
         for model in (original, fast):
             torch.manual_seed(seed)
             model.zero_grad()
-            outputs.append(model(low, skip))
+            skips.append(skip.clone().requires_grad_(kind != "input-in-place"))
+            outputs.append(model(low, skips[-1] * 1 if kind != "input-in-place" else skips[-1]))
             outputs[-1].sum().backward()
             draws.append(torch.rand(1))  # the generator's state after the call
         assert torch.equal(outputs[1], outputs[0]) and torch.equal(draws[1], draws[0]), seed
+        assert torch.equal(skips[1], skips[0]) and torch.equal(fast.steps, original.steps)
         pairs = zip(fast.named_parameters(), original.parameters(), strict=True)
         for (name, ours), theirs in pairs:
             assert (ours.grad is None) == (theirs.grad is None), name
@@ -600,6 +616,31 @@ def test_a_forward_whose_python_a_trace_cannot_keep_runs_as_written(kind, torch_
         assert torch.equal(fast.attention, original.attention)
     (row,) = fastunet.acceleration_report(fast).left()
     assert "runs as written" in row.why
+
+
+class _CastsToItsSkip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.down, self.conv = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(6, 3, 3, padding=1)
+
+    def forward(self, x):
+        skip = self.down(x)  # in autocast's dtype
+        up = F.interpolate(F.max_pool2d(skip, 2).float(), scale_factor=2).to(skip.dtype)
+        return F.relu(self.conv(torch.cat([skip, up], 1)))
+
+
+def test_a_traced_forward_is_traced_again_under_another_autocast_dtype(torch_backend):
+    """A layer's output dtype is a constant of the traced code, so the autocast dtype is part of
+    the signature, not only whether autocast is on."""
+    torch.manual_seed(0)
+    original = _CastsToItsSkip()
+    fast = fastunet.accelerate(original)
+    x = torch.randn(1, 3, 8, 8)
+    for dtype in (torch.bfloat16, torch.bfloat16, torch.float16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            expected, got = original(x), fast(x)
+        assert got.dtype == expected.dtype == dtype
+        assert relative_error(got.float(), expected.float()) < 1e-2
 
 
 class _Swish(torch.autograd.Function):

@@ -142,9 +142,9 @@ def call_key(module: nn.Module, values: tuple) -> tuple | None:
     key = [
         module.training,
         torch.is_grad_enabled(),
-        torch.is_autocast_enabled("cpu"),
-        torch.is_autocast_enabled("cuda"),
-    ]
+        *(torch.get_autocast_dtype(d) if torch.is_autocast_enabled(d) else None
+          for d in ("cpu", "cuda")),
+    ]  # fmt: skip
     for value in values:
         if isinstance(value, Tensor):
             key.append((value.shape, value.dtype, value.device))
@@ -185,6 +185,22 @@ class _ShapedProxy(fx.Proxy):
 
     # isinstance(x, nn.Parameter) and nn.Buffer read these from anything that is a Tensor.
     _is_param = _is_buffer = False
+
+    def _refuse(self, what: str):
+        """Fails the trace, and marks it failed: user code may catch the error and go on."""
+        self.tracer.refused = f"it {what}, which the traced code would not"
+        raise fx.proxy.TraceError(self.tracer.refused)
+
+    def _in_place(self, *args):
+        self._refuse("updates a traced value in place (x += ...)")
+
+    __iadd__ = __isub__ = __imul__ = __itruediv__ = __ifloordiv__ = __imod__ = __ipow__ = _in_place
+    __iand__ = __ior__ = __ixor__ = __ilshift__ = __irshift__ = __imatmul__ = _in_place
+
+    def _value(self, *args):
+        self._refuse("reads a tensor's value into Python")
+
+    __bool__ = __int__ = __float__ = __index__ = __complex__ = _value
 
     def _meta_tensor(self) -> Tensor:
         value = self.node.meta.get(META, MISSING)
@@ -306,19 +322,33 @@ def _random_states(cuda_devices: list[int]) -> list[Tensor]:
     return [torch.random.get_rng_state(), *map(torch.cuda.get_rng_state, cuda_devices)]
 
 
+def _version(tensor: Tensor) -> int | None:
+    try:
+        return tensor._version
+    except RuntimeError:  # an inference tensor: it cannot be changed in place outside one
+        return None
+
+
 class _ModuleState:
-    """The attributes of a module and its submodules: whether tracing its forward changed any
-    (a counter, a tensor kept for later, fx's constants for tensors made at trace time), and
-    putting them back. Taken after the real call, so what that call set stays."""
+    """The attributes of a module and its submodules, and the values of their tensors: whether
+    tracing its forward changed any (a counter, a tensor kept for later, fx's constants for
+    tensors made at trace time, a buffer updated in place), and putting them back (a parameter
+    updated in place stays so). Taken after the real call, so what that call set stays."""
 
     def __init__(self, module: nn.Module):
         self.saved = [
             (path, m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules))
             for path, m in module.named_modules()
         ]
+        self.tensors = []  # (name, tensor, version, a copy of its values unless a parameter)
+        for path, _, attributes, parameters, buffers, _ in self.saved:
+            for name, t in {**attributes, **buffers, **parameters}.items():
+                if isinstance(t, Tensor) and _version(t) is not None:
+                    copy = None if name in parameters else t.detach().clone()
+                    self.tensors.append((join(path, name), t, t._version, copy))
 
     def changed(self) -> list[str]:
-        names = []
+        names = [name for name, t, version, _ in self.tensors if t._version != version]
         for path, m, *saved in self.saved:
             for before, now in zip(saved, (vars(m), m._parameters, m._buffers, m._modules),
                                    strict=True):  # fmt: skip
@@ -334,6 +364,10 @@ class _ModuleState:
                                    (parameters, buffers, modules), strict=True):  # fmt: skip
                 now.clear()
                 now.update(before)
+        with torch.no_grad():
+            for _, t, version, copy in self.tensors:
+                if copy is not None and t._version != version:
+                    t.copy_(copy)
 
 
 class _ShapeTracer(fx.Tracer):
@@ -344,6 +378,7 @@ class _ShapeTracer(fx.Tracer):
         super().__init__(param_shapes_constant=True)
         self.values, self.records = list(values), list(records)
         self.modes = _modes()
+        self.refused: str | None = None  # why, once a value was read or updated in place
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return not is_plain_sequential(m)
@@ -750,6 +785,8 @@ class TracedForward:
                 if not all(map(torch.equal, generators, _random_states(devices))):
                     # torch.rand(1).item() < p, torch.randn(x.shape): drawn once, then fixed
                     raise fx.proxy.TraceError("it draws random numbers the trace would fix")
+            if tracer.refused:  # the forward caught the error and went on
+                raise fx.proxy.TraceError(tracer.refused)
             if tracer.records:
                 raise fx.proxy.TraceError("the trace ran fewer layers than the call did")
             if changed := state.changed():
