@@ -618,6 +618,39 @@ def test_a_forward_whose_python_a_trace_cannot_keep_runs_as_written(kind, torch_
     assert "runs as written" in row.why
 
 
+class _InPlaceBetween(nn.Module):
+    """An in-place change, between a pattern's parts, of what its first part read: the fused op
+    runs where the pattern's last part was."""
+
+    def __init__(self, where):
+        super().__init__()
+        self.where = where
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x, skip):
+        if self.where == "conv":
+            h = self.bn(self.conv(x))
+            x = x.relu_()
+            return F.relu(h) + x
+        up = F.interpolate(x, scale_factor=2.0)
+        x.mul_(0.5)
+        return torch.cat([skip, up], 1)
+
+
+@pytest.mark.parametrize("where", ["conv", "upsample"])
+def test_a_pattern_with_an_in_place_change_between_its_parts_is_left(where, torch_backend):
+    torch.manual_seed(0)
+    original = _InPlaceBetween(where).eval()
+    fast = fastunet.accelerate(original)
+    for _ in range(2):
+        x, skip = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 8, 8)
+        with torch.no_grad():
+            expected, got = original(x.clone(), skip), fast(x.clone(), skip)
+        assert relative_error(got, expected) < 1e-6
+    (row,) = fastunet.acceleration_report(fast).left()
+    assert "in place between its parts" in row.why
+
+
 class _CastsToItsSkip(nn.Module):
     def __init__(self):
         super().__init__()

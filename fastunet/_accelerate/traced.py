@@ -537,6 +537,33 @@ def _upsample_source(node: fx.Node, root: nn.Module) -> tuple[_Upsample | None, 
 CATS = (torch.cat, torch.concat, torch.concatenate)
 
 
+def _mutates(node: fx.Node) -> bool:
+    """Whether a node may change a tensor in place: a method or function whose name ends in an
+    underscore (x.mul_, torch.relu_), inplace=True, item assignment, or a layer's call (an
+    nn.ReLU(inplace=True), or a user's)."""
+    if node.op == "call_module":
+        return True
+    if node.op not in ("call_method", "call_function"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    in_place = name.endswith("_") and not name.endswith("__")
+    return in_place or name == "setitem" or node.kwargs.get("inplace") is True
+
+
+def _changed_in_between(first: fx.Node, last: fx.Node, own: set) -> bool:
+    """Whether a node after first and before last, other than the pattern's own, may change a
+    tensor in place: the fused op, which runs where last was, would read the changed one."""
+    node = first.next
+    while node is not last:
+        if node not in own and _mutates(node):
+            return True
+        node = node.next
+    return False
+
+
+IN_BETWEEN = "a tensor may change in place between its parts"
+
+
 def _rewrite_cat(graph: fx.Graph, cat: fx.Node, root: nn.Module, rows: list) -> None:
     args = _arguments(cat, ("tensors", "dim"), {"dim": 0})
     if args is None and cat.target is torch.concatenate:
@@ -557,6 +584,9 @@ def _rewrite_cat(graph: fx.Graph, cat: fx.Node, root: nn.Module, rows: list) -> 
             if why:
                 rows.append((f"upsample + {order}", LEFT, why))
             continue
+        if _changed_in_between(source.nodes[0], cat, {*source.nodes}):
+            rows.append((f"{source.describe()} + {order}", LEFT, IN_BETWEEN))
+            return
         with graph.inserting_before(cat):
             fused = graph.call_function(
                 upsample_concat,
@@ -664,6 +694,12 @@ def _rewrite_conv_chain(graph: fx.Graph, conv: fx.Node, root: nn.Module, rows: l
             last = user
     if last is conv:
         return
+    steps = ["conv2d", *(["batch_norm2d"] if batch_norm is not None else [])]
+    if slope is not None:
+        steps.append("relu" if slope == 0 else f"leaky_relu({slope:g})")
+    if _changed_in_between(conv, last, {batch_norm}):
+        rows.append((" + ".join(steps), LEFT, IN_BETWEEN))
+        return
     with graph.inserting_before(last):
         fused = graph.call_function(conv_chain, (
             conv.args[0],
@@ -675,9 +711,6 @@ def _rewrite_conv_chain(graph: fx.Graph, conv: fx.Node, root: nn.Module, rows: l
     last.replace_all_uses_with(fused)
     for node in dict.fromkeys(n for n in (last, batch_norm, conv) if n is not None):
         graph.erase_node(node)
-    steps = ["conv2d", *(["batch_norm2d"] if batch_norm is not None else [])]
-    if slope is not None:
-        steps.append("relu" if slope == 0 else f"leaky_relu({slope:g})")
     why = "folds while the BatchNorm2d is in eval mode" if batch_norm is not None else ""
     rows.append((" + ".join(steps), CONV_OP, why))
 
