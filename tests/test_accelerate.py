@@ -701,6 +701,11 @@ class _CheckpointedEncoder(nn.Module):
     def forward(self, x):
         if self.kind == "function":
             skip = _Swish.apply(self.encoder(x))
+        elif self.kind == "subclass":  # as MONAI's MetaTensor(h) wraps a tensor
+            skip = self.encoder(x)
+            self.logged = torch.Tensor._make_subclass(torch.Tensor, skip.detach())
+        elif self.kind == "vmap":
+            skip = torch.vmap(lambda t: t * 2)(self.encoder(x))
         else:
             reentrant = self.kind == "reentrant"
             skip = torch.utils.checkpoint.checkpoint(self.encoder, x, use_reentrant=reentrant)
@@ -708,17 +713,52 @@ class _CheckpointedEncoder(nn.Module):
         return self.decoder(torch.cat([skip, up], 1))
 
 
-@pytest.mark.parametrize("kind", ["checkpoint", "reentrant", "function"])
-def test_a_forward_with_a_checkpoint_or_autograd_function_runs_as_written(kind, torch_backend):
-    """Tracing handed them a traced value as a tensor, and the process died (segmentation
-    fault) at the first call: such a forward now runs as written."""
+@pytest.mark.parametrize("kind", ["checkpoint", "reentrant", "function", "subclass", "vmap"])
+def test_a_forward_that_hands_a_tensor_to_cpp_runs_as_written(kind, torch_backend):
+    """A checkpoint, a custom autograd.Function, a tensor subclass's constructor or vmap handed
+    C++ a traced value, which said it was a tensor, and the process died (segmentation fault)
+    at the first call: such a forward now runs as written."""
     torch.manual_seed(0)
     original = _CheckpointedEncoder(kind)
     fast = fastunet.accelerate(original)
     for _ in range(2):
         compare(original, fast, torch.randn(1, 2, 8, 8))
     (row,) = fastunet.acceleration_report(fast).left()
-    assert "which a trace cannot follow" in row.why
+    assert "runs as written" in row.why
+
+
+_Features = collections.namedtuple("_Features", ["skip", "deep"])
+
+
+class _NamedTupleEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, x):
+        skip = F.relu(self.conv(x))
+        return _Features(skip=skip, deep=F.max_pool2d(skip, 2))
+
+
+class _NamedTupleUNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.decoder = _NamedTupleEncoder(), nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        features = self.encoder(x)
+        up = F.interpolate(features.deep, scale_factor=2.0)
+        return self.decoder(torch.cat([features.skip, up], 1))
+
+
+def test_a_layer_that_returns_a_namedtuple(torch_backend):
+    """The first call records each layer's output, namedtuples too (it raised TypeError)."""
+    torch.manual_seed(0)
+    original = _NamedTupleUNet()
+    fast = fastunet.accelerate(original)
+    for _ in range(2):
+        counts = compare(original, fast, torch.randn(1, 3, 8, 8))
+    assert counts[UPCAT] == 1
 
 
 class _SequentialAsContainer(nn.Module):

@@ -24,6 +24,7 @@ inlines it), any other runs the forward as written.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import functools
 import inspect
@@ -161,6 +162,8 @@ def call_key(module: nn.Module, values: tuple) -> tuple | None:
 def _to_meta(value):
     if isinstance(value, Tensor):
         return torch.empty_like(value, device="meta")
+    if hasattr(value, "_fields"):  # a namedtuple takes its fields one by one
+        return type(value)(*map(_to_meta, value))
     if isinstance(value, tuple | list):
         return type(value)(_to_meta(v) for v in value)
     if isinstance(value, dict):
@@ -253,12 +256,6 @@ class _ShapedProxy(fx.Proxy):
             return fx.Proxy.__getattr__(self, "is_floating_point")()
         return real.is_floating_point()
 
-    @property
-    def __class__(self):
-        # isinstance(x, torch.Tensor) as in the real call (fx's own isinstance(x, Proxy) checks
-        # look at the real type and still see a Proxy).
-        return Tensor if isinstance(self.node.meta.get(META), Tensor) else _ShapedProxy
-
 
 def _submodule(root: nn.Module, target: str) -> nn.Module:
     """root.get_submodule(target) without getattr, which fx patches while it traces."""
@@ -290,11 +287,24 @@ def _holds_proxy(values) -> bool:
     return bool(found)
 
 
+_isinstance = builtins.isinstance
+
+
+def _traced_isinstance(obj, classinfo) -> bool:
+    """isinstance, for which a traced value of the real call's tensor is a torch.Tensor: the
+    forward's Python takes the branches the real call took (MONAI's UpCat checks
+    `torch.jit.isinstance(x, torch.Tensor)`). C++ does not call it, so it never takes a traced
+    value for a tensor (which crashes the process); fx's own checks for a Proxy still see one."""
+    if type(obj) is _ShapedProxy and _isinstance(obj.node.meta.get(META), Tensor):
+        return _isinstance(obj, classinfo) or issubclass(Tensor, classinfo)
+    return _isinstance(obj, classinfo)
+
+
 @contextlib.contextmanager
-def _refusing_autograd_functions() -> Iterator[None]:
-    """A custom autograd.Function or an activation checkpoint called on a traced value would
-    hand it to C++ as a tensor (a _ShapedProxy says it is one), which crashes the process:
-    while tracing, such a call fails the trace instead."""
+def _tracing_guards() -> Iterator[None]:
+    """While tracing: isinstance as `_traced_isinstance`; and a custom autograd.Function or an
+    activation checkpoint called on a traced value fails the trace (they would run it as a
+    tensor, or drop the checkpoint)."""
     function_apply = vars(torch.autograd.Function)["apply"]
     checkpointed = torch.utils.checkpoint._checkpoint_without_reentrant_generator
 
@@ -311,9 +321,11 @@ def _refusing_autograd_functions() -> Iterator[None]:
     torch.utils.checkpoint._checkpoint_without_reentrant_generator = refuse(
         "torch.utils.checkpoint", checkpointed
     )
+    builtins.isinstance = _traced_isinstance
     try:
         yield
     finally:
+        builtins.isinstance = _isinstance
         torch.autograd.Function.apply = function_apply
         torch.utils.checkpoint._checkpoint_without_reentrant_generator = checkpointed
 
@@ -812,7 +824,7 @@ class TracedForward:
         state = _ModuleState(module)
         devices = sorted({v.device.index for v in values if isinstance(v, Tensor) and v.is_cuda})
         try:
-            with torch.random.fork_rng(devices=devices), _refusing_autograd_functions():
+            with torch.random.fork_rng(devices=devices), _tracing_guards():
                 generators = _random_states(devices)
                 graph = tracer.trace(module, concrete_args=concrete or None)
                 if not all(map(torch.equal, generators, _random_states(devices))):
