@@ -28,6 +28,7 @@ import builtins
 import contextlib
 import functools
 import inspect
+import threading
 import types
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -288,6 +289,8 @@ def _holds_proxy(values) -> bool:
 
 
 _isinstance = builtins.isinstance
+# The guards patch the process: two traces at once in two threads would undo each other's.
+_ONE_TRACE_AT_A_TIME = threading.Lock()
 
 
 def _traced_isinstance(obj, classinfo) -> bool:
@@ -824,7 +827,7 @@ class TracedForward:
         state = _ModuleState(module)
         devices = sorted({v.device.index for v in values if isinstance(v, Tensor) and v.is_cuda})
         try:
-            with torch.random.fork_rng(devices=devices), _tracing_guards():
+            with _ONE_TRACE_AT_A_TIME, torch.random.fork_rng(devices=devices), _tracing_guards():
                 generators = _random_states(devices)
                 graph = tracer.trace(module, concrete_args=concrete or None)
                 if not all(map(torch.equal, generators, _random_states(devices))):
