@@ -462,3 +462,19 @@ def test_in_memory_format_gives_the_layouts_own_strides(shape, layout):
         assert y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
         weight = torch.randn(3, shape[1], 1, 1)
         assert memory_format_of(F.conv2d(y, weight)) == layout
+
+
+def test_in_place_edits_of_what_the_ops_save_raise_in_backward():
+    """The ops save other tensors than their composites (README): an in-place edit that PyTorch
+    allows there raises autograd's error here, never a wrong gradient."""
+    x = torch.randn(1, 3, 6, 6, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 3, requires_grad=True)
+    out = ops.conv2d_relu(x, weight, None, 1, True, 0.1)  # saves its output
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    skip = torch.randn(1, 2, 8, 8, requires_grad=True).clone()
+    out = ops.upsample_concat_conv2d_relu(x, skip, torch.randn(4, 5, 3, 3))  # saves skip
+    skip.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
