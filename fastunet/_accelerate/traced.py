@@ -267,9 +267,10 @@ def _device(value) -> torch.device | None:
     return value.device if isinstance(value, Tensor) else None
 
 
-def _has_missing(value) -> bool:
+def _holds(value, test: Callable[[object], bool]) -> bool:
+    """Whether a leaf of value (nested tuples, lists, dicts) passes test."""
     found = []
-    fx.node.map_aggregate(value, lambda v: found.append(v) if v is MISSING else v)
+    fx.node.map_aggregate(value, lambda v: found.append(v) if test(v) else v)
     return bool(found)
 
 
@@ -280,12 +281,6 @@ def _modes() -> tuple:
         torch.is_inference_mode_enabled(),
         *((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")),
     )
-
-
-def _holds_proxy(values) -> bool:
-    found = []
-    fx.node.map_aggregate(values, lambda v: found.append(v) if type(v) is _ShapedProxy else v)
-    return bool(found)
 
 
 _isinstance = builtins.isinstance
@@ -313,7 +308,7 @@ def _tracing_guards() -> Iterator[None]:
 
     def refuse(name, call):
         def guarded(*args, **kwargs):
-            if _holds_proxy((args, kwargs)):
+            if _holds((args, kwargs), lambda v: type(v) is _ShapedProxy):
                 raise fx.proxy.TraceError(f"it calls {name}, which a trace cannot follow")
             return call(*args, **kwargs)
 
@@ -445,7 +440,7 @@ class _ShapeTracer(fx.Tracer):
         args, kwargs = fx.node.map_arg(
             (node.args, node.kwargs), lambda n: n.meta.get(META, MISSING)
         )
-        if _has_missing((args, kwargs)):
+        if _holds((args, kwargs), lambda v: v is MISSING):
             return MISSING
         try:
             if node.op == "call_function":

@@ -9,7 +9,7 @@ from fastunet.models._base import UNetBase
 from fastunet.models.reference import ReferenceUNet
 from fastunet.nn import Conv2dReLU, MaxPool2d
 from fastunet.ops._choice import choose_layout, pytorch_by_rule, runs_pytorch_by_rule
-from fastunet.ops._common import in_memory_format, memory_format_of
+from fastunet.ops._common import in_functorch_transform, in_memory_format, memory_format_of
 
 
 class FusedDoubleConv(nn.Module):
@@ -46,7 +46,7 @@ class UNet(UNetBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        if torch._C._functorch.maybe_current_level() is not None:
+        if in_functorch_transform():
             return self._run(x)  # vmap, grad: a layout cannot be asked for or chosen there
         layout = memory_format_of(x)
         if x.is_cuda:  # the kernels' layout, and cuDNN's fastest for half types

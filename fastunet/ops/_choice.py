@@ -52,7 +52,13 @@ from torch import Tensor
 from fastunet._version import __version__
 from fastunet.kernels import INTERPRET
 from fastunet.ops._backend import choose, forced_backend, native_extension, package_version
-from fastunet.ops._common import CHANNELS_LAST, in_memory_format, memory_format_of, watched
+from fastunet.ops._common import (
+    CHANNELS_LAST,
+    in_functorch_transform,
+    in_memory_format,
+    memory_format_of,
+    watched,
+)
 from fastunet.ops._timing import compare_ms
 
 FORMAT = 1
@@ -369,7 +375,7 @@ def _cannot_time(device: torch.device) -> bool:
     saved-tensor hooks turned off (timing hides its graphs from the caller's: `_unseen`)."""
     return (
         torch.jit.is_tracing()
-        or torch._C._functorch.maybe_current_level() is not None
+        or in_functorch_transform()
         or torch._C._len_torch_dispatch_stack() > 0
         or not torch._C._autograd._saved_tensors_hooks_is_enabled()
         or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())

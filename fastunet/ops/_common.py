@@ -19,6 +19,11 @@ GLOBAL_HOOKS = tuple(
 )  # fmt: skip
 
 
+def in_functorch_transform() -> bool:
+    """Inside vmap, grad or another torch.func transform."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
 def has_hooks(module: torch.nn.Module) -> bool:
     """Whether a hook of the module's own would see its input or output."""
     return bool(
