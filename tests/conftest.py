@@ -4,7 +4,9 @@ TRITON_INTERPRET must be set before triton is imported, so it is set here, at co
 any test module imports fastunet.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import torch
@@ -24,6 +26,9 @@ from helpers import KERNEL_DEVICE, assert_kernel_backend, interpreter_problem
 
 from fastunet.kernels import INTERPRET
 from fastunet.ops._backend import package_version
+
+for session_directory in (os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["FASTUNET_CACHE_DIR"]):
+    atexit.register(shutil.rmtree, session_directory, ignore_errors=True)  # when the process exits
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
