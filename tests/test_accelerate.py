@@ -12,6 +12,7 @@ import collections
 import contextlib
 import copy
 import io
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -759,6 +760,58 @@ def test_a_layer_that_returns_a_namedtuple(torch_backend):
     for _ in range(2):
         counts = compare(original, fast, torch.randn(1, 3, 8, 8))
     assert counts[UPCAT] == 1
+
+
+class _WaitsForAnotherThread(nn.Module):
+    """A decoder whose forward waits for `elsewhere`, which runs models in another thread, as a
+    serving thread may while a new input shape is traced."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(7, 3, 3, padding=1)
+        self.elsewhere: Callable[[], None] = lambda: None
+
+    def forward(self, low, skip):
+        self.elsewhere()
+        up = F.interpolate(low, scale_factor=2)
+        return F.relu(self.conv(torch.cat([skip, up], 1)))
+
+
+def test_models_run_in_another_thread_during_a_trace_run_as_themselves(torch_backend):
+    """fx's trace patches Module.__call__ and __getattr__ for the whole process. A model run in
+    another thread while a new shape was traced, even one never accelerated, raised NameError
+    or got fx's Proxies; and the accelerated model's own layer, called there, spoilt the
+    records of the call and so the trace: the pattern was left."""
+    torch.manual_seed(0)
+    other = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU())
+    original = _WaitsForAnotherThread()
+    fast = fastunet.accelerate(original)
+    x = torch.randn(1, 7, 6, 6)
+    with torch.no_grad():
+        expected = (other(x[:, :3]), original.conv(x))
+    results = []
+
+    def in_another_thread():
+        def run():
+            try:
+                with torch.no_grad():
+                    results.append((other(x[:, :3]), fast.conv(x)))
+            except Exception as error:
+                results.append(error)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+
+    fast.elsewhere = in_another_thread
+    low, skip = torch.randn(2, 4, 4, 4), torch.randn(2, 3, 8, 8)
+    for _ in range(2):
+        torch.testing.assert_close(fast(low, skip), original(low, skip))
+    assert len(results) == 2  # the first call and its trace (the traced code has no call)
+    for result in results:
+        assert not isinstance(result, Exception), repr(result)
+        assert all(map(torch.equal, result, expected))
+    assert not fastunet.acceleration_report(fast).left()
 
 
 class _SequentialAsContainer(nn.Module):

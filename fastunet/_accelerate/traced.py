@@ -389,9 +389,21 @@ class _ShapeTracer(fx.Tracer):
         self.values, self.records = list(values), list(records)
         self.modes = _modes()
         self.refused: str | None = None  # why, once a value was read or updated in place
+        # fx patches Module.__call__ and __getattr__ for the whole process while it traces.
+        self.thread = threading.get_ident()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return not is_plain_sequential(m)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict):
+        if threading.get_ident() != self.thread:  # a model run in another thread meanwhile
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
+        if threading.get_ident() != self.thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ShapedProxy(node, self)
@@ -795,9 +807,11 @@ class TracedForward:
         """The call as written, recording each layer's output shape; then the trace."""
         module = self.module
         records: list = []
+        thread = threading.get_ident()
 
         def record(layer, _inputs, output):
-            records.append((layer, _to_meta(output), _device(output)))
+            if threading.get_ident() == thread:  # not a call of the layer in another thread
+                records.append((layer, _to_meta(output), _device(output)))
 
         record.fastunet_records_shapes = True  # not a user's: the layers fuse as they will later
         handles = [layer.register_forward_hook(record) for layer in trace_leaves(module)]
