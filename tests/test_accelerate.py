@@ -12,6 +12,10 @@ import collections
 import contextlib
 import copy
 import io
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -253,6 +257,32 @@ def test_torch_compile_fullgraph(training, torch_backend):
     assert targets["fastunet.conv2d_relu.default"] == 15
     assert targets["fastunet.max_pool2d_with_argmax.default"] == 3
     assert targets["fastunet.upsample_concat.default"] == 3
+
+
+def test_torch_compile_works_after_the_first_trace_in_a_new_process():
+    """torch._dynamo was first imported by a trace's meta computation, while isinstance was the
+    trace's: it kept that one in its tables, and from then on torch.compile failed on any
+    isinstance, in this model (fullgraph) or any other. As a user runs it: a new process, the
+    CPU rule (no interpreter, no forced backend)."""
+    script = textwrap.dedent("""
+        import sys
+        import torch
+        import fastunet
+        from fastunet.bench.styles import MilesialStyleUNet
+        assert "torch._dynamo" not in sys.modules, "imported before the trace: nothing to test"
+        original = MilesialStyleUNet(3, 2, 4).eval()
+        fast = fastunet.accelerate(original)
+        x = torch.randn(2, 3, 16, 16)
+        with torch.no_grad():
+            fast(x)  # traces the decoder blocks
+            compiled = torch.compile(fast, fullgraph=True, backend="eager")
+            assert torch.equal(compiled(x), original(x))
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTUNET_BACKEND")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_report_says_what_was_replaced_and_what_was_left(torch_backend):

@@ -299,6 +299,20 @@ def _traced_isinstance(obj, classinfo) -> bool:
 
 
 @contextlib.contextmanager
+def _builtin_isinstance() -> Iterator[None]:
+    """The builtin isinstance again, for torch's own code run on meta values while tracing: a
+    module it imports lazily keeps what it finds (torch._dynamo, imported by the first meta
+    computation, keeps isinstance in its tables, and torch.compile then fails on isinstance
+    for the rest of the process)."""
+    patched = builtins.isinstance
+    builtins.isinstance = _isinstance
+    try:
+        yield
+    finally:
+        builtins.isinstance = patched
+
+
+@contextlib.contextmanager
 def _tracing_guards() -> Iterator[None]:
     """While tracing: isinstance as `_traced_isinstance`; and a custom autograd.Function or an
     activation checkpoint called on a traced value fails the trace (they would run it as a
@@ -455,9 +469,10 @@ class _ShapeTracer(fx.Tracer):
         if _holds((args, kwargs), lambda v: v is MISSING):
             return MISSING
         try:
-            if node.op == "call_function":
-                return node.target(*args, **kwargs)
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
+            with _builtin_isinstance():
+                if node.op == "call_function":
+                    return node.target(*args, **kwargs)
+                return getattr(args[0], node.target)(*args[1:], **kwargs)
         except Exception:  # an op the meta device does not run: its shape stays unknown
             return MISSING
 
