@@ -1,4 +1,6 @@
-"""The whole UNet under torch.compile(fullgraph=True), forward and backward."""
+"""The whole UNet under torch.compile(fullgraph=True), forward and backward; and torch.export."""
+
+import io
 
 import pytest
 import torch
@@ -26,3 +28,18 @@ def test_unet_compiles_fullgraph_forward_and_backward(compiler, kernels_backend)
         compiled_model.named_parameters(), eager.parameters(), strict=True
     ):
         assert relative_error(p.grad, p_eager.grad) <= 1e-5, name
+
+
+def test_unet_exports_saves_and_loads(torch_backend):
+    """torch.export's program of UNet, saved and loaded, computes ReferenceUNet's output on
+    fastunet's ops (loading needs fastunet imported: the ops are its custom ops)."""
+    reference = ReferenceUNet(3, 2, 4, 2, upsample="bilinear").eval()
+    x = torch.randn(2, 3, 12, 10)
+    exported = torch.export.export(UNet.from_reference(reference), (x,))
+    saved = io.BytesIO()
+    torch.export.save(exported, saved)
+    saved.seek(0)
+    with torch.no_grad():
+        assert relative_error(torch.export.load(saved).module()(x), reference(x)) <= 1e-5
+    targets = {str(node.target) for node in exported.graph.nodes}
+    assert {"fastunet.conv2d_relu.default", "fastunet.max_pool2d_with_argmax.default"} <= targets

@@ -20,6 +20,7 @@ layout copies.
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -211,7 +212,17 @@ def cat_layout(skip: Tensor, x: Tensor) -> torch.memory_format:
     return CHANNELS_LAST if both else torch.contiguous_format
 
 
-class ChainForward:
+class ForwardStandIn:
+    """Base of what `accelerate` puts in place of a module's forward (an instance attribute: class
+    and state_dict stay). Its `__code__` is its `__call__`'s, as a function's would be:
+    torch.export (non-strict, the default) reads the forward's code object."""
+
+    @property
+    def __code__(self) -> types.CodeType:
+        return type(self).__call__.__code__
+
+
+class ChainForward(ForwardStandIn):
     """Stands in for the forward of a plain Sequential whose layers hold Chains (`chains`, by
     their FusedConv2d; an instance attribute: class and state_dict stay): each chain runs as one
     op while this forward runs its layers in order and it folds. A layer called on its own (the
@@ -247,7 +258,7 @@ class AcceleratedMaxPool2d(nn.MaxPool2d):
         return max_pool2d(x) if x.dim() == 4 else super().forward(x)
 
 
-class RuleScopedForward:
+class RuleScopedForward(ForwardStandIn):
     """Stands in for the accelerated model's own forward (`forward`: the TracedForward put there,
     or None for its class's). Where the CPU rule sends every layer to PyTorch's path, the call
     runs inside `pytorch_by_rule()`, so the replaced layers run as written instead of each

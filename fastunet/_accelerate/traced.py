@@ -41,6 +41,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from fastunet._accelerate.modules import (
+    ForwardStandIn,
     FusedConv2d,
     conv_chain,
     is_plain_sequential,
@@ -781,7 +782,7 @@ def _generate(graph: fx.Graph, path: str) -> Callable:
     return namespace["forward"]
 
 
-class TracedForward:
+class TracedForward(ForwardStandIn):
     """Stands in for a module's forward: per call signature, the forward traced at the first call
     with that signature and rewritten onto fastunet's ops, or the forward as written when the
     trace found no pattern or could not follow the code."""
