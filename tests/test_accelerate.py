@@ -11,6 +11,7 @@ kernels (in the interpreter without a GPU) on a tiny model.
 import collections
 import contextlib
 import copy
+import inspect
 import io
 import os
 import subprocess
@@ -259,6 +260,30 @@ def test_torch_compile_fullgraph(training, torch_backend):
     assert targets["fastunet.upsample_concat.default"] == 3
 
 
+def test_torch_compile_dynamic_compiles_one_graph_for_every_batch_size(torch_backend):
+    """Under dynamic=True the sizes are symbolic, and the traces are keyed by concrete sizes:
+    the traced forwards run as written, in one graph for every batch size. (Looking the sizes up
+    in a dict made dynamo guard on them: a graph per size, up to its recompile limit.)"""
+    torch.manual_seed(0)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    original = MilesialStyleUNet(3, 2, 4).eval()
+    fast = fastunet.accelerate(original)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        fast(torch.randn(2, 3, 16, 16))  # a trace for batch 2
+        compiled = torch.compile(fast, dynamic=True, backend=backend)
+        for batch in (2, 3, 5):
+            x = torch.randn(batch, 3, 16, 16)
+            torch.testing.assert_close(compiled(x), original(x))
+    assert len(graphs) == 1
+    assert "fastunet.conv2d_relu.default" in {str(node.target) for node in graphs[0].graph.nodes}
+
+
 def test_torch_compile_works_after_the_first_trace_in_a_new_process():
     """torch._dynamo was first imported by a trace's meta computation, while isinstance was the
     trace's: it kept that one in its tables, and from then on torch.compile failed on any
@@ -285,15 +310,21 @@ def test_torch_compile_works_after_the_first_trace_in_a_new_process():
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+@pytest.mark.parametrize("batch", ["static", "dynamic"])
 @pytest.mark.parametrize(
     "name, stand_in",
     [("", "RuleScopedForward"), ("ups.0", "TracedForward"), ("stem", "ChainForward")],
     ids=["model", "decoder-block", "sequential"],
 )
-def test_torch_export(name, stand_in, torch_backend):
+def test_torch_export(name, stand_in, batch, strict, torch_backend):
     """torch.export (non-strict, its default) reads the forward's `__code__`, which the objects
-    accelerate puts in place of forwards lacked: AttributeError. The exported program, saved and
-    loaded, computes the original's output on fastunet's ops."""
+    accelerate puts in place of forwards lacked: AttributeError. `dynamic_shapes` names the
+    forward's arguments, which the stand-ins' `*args` hid. A traced forward looked its traces up
+    by the sizes: non-strict, a symbolic size does not hash (TypeError); strict, the lookup
+    specialized the dynamic batch (export's UserError). The exported program, saved and loaded,
+    computes the original's output on fastunet's ops, at another batch size where that one is
+    dynamic."""
     torch.manual_seed(0)
     original = MilesialStyleUNet(3, 2, 4).eval()
     fast = fastunet.accelerate(original)
@@ -302,14 +333,23 @@ def test_torch_export(name, stand_in, torch_backend):
     inputs = []
     hook = original.get_submodule(name).register_forward_pre_hook(lambda _, a: inputs.append(a))
     with torch.no_grad():
-        original(torch.randn(2, 3, 16, 16))
-        expected = original.get_submodule(name)(*inputs[0])
+        for size in (2, 3):
+            original(torch.randn(size, 3, 16, 16))
     hook.remove()
-    exported = torch.export.export(part, inputs[0])
+    names = list(inspect.signature(type(part).forward).parameters)[1:]  # as a user reads it
+    assert list(inspect.signature(part.forward).parameters) == names
+    dynamic_shapes = None
+    if batch == "dynamic":
+        size = torch.export.Dim("batch")
+        dynamic_shapes = {arg: {0: size} for arg in names[: len(inputs[0])]}
+    exported = torch.export.export(part, inputs[0], dynamic_shapes=dynamic_shapes, strict=strict)
     saved = io.BytesIO()
     torch.export.save(exported, saved)
     saved.seek(0)
-    torch.testing.assert_close(torch.export.load(saved).module()(*inputs[0]), expected)
+    run_at = inputs[1] if batch == "dynamic" else inputs[0]
+    with torch.no_grad():
+        expected = original.get_submodule(name)(*run_at)
+    torch.testing.assert_close(torch.export.load(saved).module()(*run_at), expected)
     assert "fastunet.conv2d_relu.default" in {str(node.target) for node in exported.graph.nodes}
 
 

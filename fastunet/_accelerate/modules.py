@@ -20,6 +20,7 @@ layout copies.
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -213,13 +214,20 @@ def cat_layout(skip: Tensor, x: Tensor) -> torch.memory_format:
 
 
 class ForwardStandIn:
-    """Base of what `accelerate` puts in place of a module's forward (an instance attribute: class
+    """Base of what `accelerate` puts in place of `module`'s forward (an instance attribute: class
     and state_dict stay). Its `__code__` is its `__call__`'s, as a function's would be:
-    torch.export (non-strict, the default) reads the forward's code object."""
+    torch.export (non-strict, the default) reads the forward's code object. Its signature is the
+    forward's as written, so what binds arguments by name (export's `dynamic_shapes`) sees it."""
+
+    module: nn.Module
 
     @property
     def __code__(self) -> types.CodeType:
         return type(self).__call__.__code__
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(functools.partial(type(self.module).forward, self.module))
 
 
 class ChainForward(ForwardStandIn):
@@ -229,10 +237,10 @@ class ChainForward(ForwardStandIn):
     Sequential used as a container) runs as itself, and so does a slice of the Sequential."""
 
     def __init__(self, sequential: nn.Sequential, chains: dict[nn.Module, Chain]):
-        self.sequential, self.chains = sequential, chains
+        self.module, self.chains = sequential, chains
 
     def __call__(self, input):
-        sequential, chains = self.sequential, self.chains
+        sequential, chains = self.module, self.chains
         # Global hooks would miss the nested Sequentials that the run order looks through.
         if inside_pytorch_by_rule() or any(GLOBAL_HOOKS):
             return type(sequential).forward(sequential, input)
@@ -265,10 +273,10 @@ class RuleScopedForward(ForwardStandIn):
     asking for its path."""
 
     def __init__(self, model: nn.Module, forward: Callable | None):
-        self.model, self.forward = model, forward
+        self.module, self.forward = model, forward
 
     def __call__(self, *args, **kwargs):
-        forward = self.forward or functools.partial(type(self.model).forward, self.model)
+        forward = self.forward or functools.partial(type(self.module).forward, self.module)
         if torch.compiler.is_compiling():  # each layer's own check goes into the graph
             return forward(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()), None)  # the input, as a rule

@@ -39,6 +39,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fastunet._accelerate.modules import (
     ForwardStandIn,
@@ -156,6 +157,30 @@ def call_key(module: nn.Module, values: tuple) -> tuple | None:
         else:
             return None
     return tuple(key)
+
+
+def traced_for(key: tuple, traced: dict[tuple, object]):
+    """traced[key], or None. Under torch.compile or torch.export the key's sizes may be symbolic
+    (a dynamic dimension): one known only as a symbol equals no traced size, and the comparison
+    adds no guard, so the dimension stays dynamic (a dict lookup would have specialized it, and
+    export refuses that; non-strict export cannot hash it at all)."""
+    if not torch.compiler.is_compiling():
+        return traced.get(key)
+    for traced_key, found in traced.items():
+        if len(traced_key) == len(key) and all(map(_same_key_part, key, traced_key)):
+            return found
+    return None
+
+
+def _same_key_part(part, traced_part) -> bool:
+    if isinstance(part, tuple) and isinstance(traced_part, tuple):  # (shape, dtype, device)
+        (shape, *rest), (traced_shape, *traced_rest) = part, traced_part
+        return (
+            len(shape) == len(traced_shape)
+            and all(statically_known_true(a == b) for a, b in zip(shape, traced_shape, strict=True))
+            and rest == traced_rest
+        )
+    return statically_known_true(part == traced_part)  # a scalar argument may be symbolic too
 
 
 # ---------------------------------------------------------------- tracing with concrete shapes
@@ -808,8 +833,9 @@ class TracedForward(ForwardStandIn):
                 why = "an argument is not a tensor, None or a scalar (a list?): runs as written"
                 self.report.add(self.path, "forward", LEFT, why)
             return type(module).forward(module, *values)
-        if key in self.traced:
-            generated, fused_layers = self.traced[key]
+        found = traced_for(key, self.traced)
+        if found is not None:
+            generated, fused_layers = found
             if inside_pytorch_by_rule():  # its layers all take PyTorch's path: as written
                 return type(module).forward(module, *values)
             if generated is None or any(observed(layer) for layer in fused_layers):
