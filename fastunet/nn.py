@@ -12,7 +12,22 @@ from fastunet import ops
 from fastunet.ops._choice import run_layer
 
 
-class Conv2dReLU(nn.Conv2d):
+class NotScriptable:
+    """Makes torch.jit.script refuse a module holding this layer with an error that says what to
+    do instead, rather than with TorchScript's about the layer's Python (script calls
+    `__prepare_scriptable__` on the module and each submodule before it compiles anything)."""
+
+    def __prepare_scriptable__(self):
+        raise TypeError(
+            f"torch.jit.script: {type(self).__name__} is one of fastunet's layers, which "
+            "TorchScript cannot compile (they choose their path in Python). torch.jit.trace and "
+            "torch.export capture them; or take the model back to plain PyTorch: "
+            "UNet.to_reference(), or the model given to fastunet.accelerate (which it leaves "
+            "unchanged)"
+        )
+
+
+class Conv2dReLU(NotScriptable, nn.Conv2d):
     """`nn.Conv2d` (stride 1) followed by ReLU, as one fused op.
 
     Same parameters, initialisation and state_dict keys as `nn.Conv2d`; `relu=False` gives the
@@ -56,7 +71,7 @@ class Conv2dReLU(nn.Conv2d):
         return super().extra_repr() + f", relu={self.relu}"
 
 
-class UpsampleConcat(nn.Module):
+class UpsampleConcat(NotScriptable, nn.Module):
     """`torch.cat([skip, F.interpolate(x, size=skip.shape[-2:], mode=mode)], 1)` as one op."""
 
     def __init__(self, mode: str = "nearest", align_corners: bool = False):
@@ -72,7 +87,7 @@ class UpsampleConcat(nn.Module):
         return f"mode={self.mode!r}, align_corners={self.align_corners}"
 
 
-class MaxPool2d(nn.Module):
+class MaxPool2d(NotScriptable, nn.Module):
     """`nn.MaxPool2d(2)`, saving one byte per output element for the backward."""
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""The whole UNet under torch.compile(fullgraph=True), forward and backward; and torch.export."""
+"""The whole UNet under torch.compile(fullgraph=True), forward and backward; torch.export; and
+TorchScript's refusal."""
 
 import io
 
@@ -6,8 +7,10 @@ import pytest
 import torch
 from helpers import KERNEL_DEVICE
 
+import fastunet
 from fastunet import ReferenceUNet, UNet
 from fastunet.bench.parity import relative_error
+from fastunet.bench.styles import MilesialStyleUNet
 
 
 @pytest.mark.slow
@@ -43,3 +46,23 @@ def test_unet_exports_saves_and_loads(torch_backend):
         assert relative_error(torch.export.load(saved).module()(x), reference(x)) <= 1e-5
     targets = {str(node.target) for node in exported.graph.nodes}
     assert {"fastunet.conv2d_relu.default", "fastunet.max_pool2d_with_argmax.default"} <= targets
+
+
+@pytest.mark.parametrize(
+    "make, layer",
+    [
+        (lambda: UNet(3, 2, 4, 2), "UNet"),
+        (lambda: torch.nn.Sequential(fastunet.nn.Conv2dReLU(3, 4, 3)), "Conv2dReLU"),
+        (lambda: fastunet.nn.UpsampleConcat(), "UpsampleConcat"),
+        (lambda: torch.nn.Sequential(torch.nn.ReLU(), fastunet.nn.MaxPool2d()), "MaxPool2d"),
+        (lambda: fastunet.accelerate(MilesialStyleUNet(3, 2, 4)), "FusedConv2d"),
+        (lambda: fastunet.accelerate(torch.nn.Sequential(torch.nn.MaxPool2d(2))),
+         "AcceleratedMaxPool2d"),
+    ],
+    ids=["unet", "conv2d-relu", "upsample-concat", "max-pool", "accelerated", "accelerated-pool"],
+)  # fmt: skip
+def test_torchscript_refuses_fastunets_layers_and_says_what_works(make, layer):
+    """TorchScript cannot compile the layers' Python; its own error pointed into fastunet's code
+    (or, for an accelerated model, was an AttributeError on a forward's __globals__)."""
+    with pytest.raises(TypeError, match=f"torch.jit.script: {layer} is one of fastunet's layers"):
+        torch.jit.script(make())

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from fastunet import ops
 from fastunet.kernels import cudnn_convolves
+from fastunet.nn import NotScriptable
 from fastunet.ops._choice import (
     inside_pytorch_by_rule,
     pytorch_by_rule,
@@ -142,7 +143,7 @@ class Chain:
         return " + ".join(steps)
 
 
-class FusedConv2d(nn.Conv2d):
+class FusedConv2d(NotScriptable, nn.Conv2d):
     """nn.Conv2d (stride 1, zero padding) on fastunet's conv op. Same parameters as the Conv2d;
     a ChainForward computes the layers after it in the same op (`run`)."""
 
@@ -259,7 +260,7 @@ class ChainForward(ForwardStandIn):
         return input
 
 
-class AcceleratedMaxPool2d(nn.MaxPool2d):
+class AcceleratedMaxPool2d(NotScriptable, nn.MaxPool2d):
     """nn.MaxPool2d(2) on fastunet's max-pool op."""
 
     def forward(self, x: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from fastunet.models._base import UNetBase
 from fastunet.models.reference import ReferenceUNet
-from fastunet.nn import Conv2dReLU, MaxPool2d
+from fastunet.nn import Conv2dReLU, MaxPool2d, NotScriptable
 from fastunet.ops._choice import choose_layout, pytorch_by_rule, runs_pytorch_by_rule
 from fastunet.ops._common import in_functorch_transform, in_memory_format, memory_format_of
 
@@ -24,7 +24,7 @@ class FusedDoubleConv(nn.Module):
         return self.conv2(self.conv1(x))
 
 
-class UNet(UNetBase):
+class UNet(NotScriptable, UNetBase):
     """fastunet's UNet: same arguments, parameter names and results as ReferenceUNet.
 
     Activations are channels_last inside on a GPU; on the CPU, in whichever of NCHW and
