@@ -173,6 +173,31 @@ def test_on_meta_tensors_it_counts_the_references_flops(upsample):
     assert flops[0] == flops[1] > 0
 
 
+@pytest.mark.parametrize("input_grad", [False, True], ids=["weights-only", "input-grad"])
+@pytest.mark.parametrize("upsample", ["nearest", "bilinear"])
+def test_on_the_ops_it_counts_the_references_flops(torch_backend, upsample, input_grad):
+    """FlopCounterMode sees fastunet's custom ops, not the convolutions inside: without their
+    formulas a UNet on the ops counted no FLOPs. Forward and backward, each as the reference's."""
+    reference, fast = make_pair(upsample=upsample)
+    counts = []
+    for model in (reference, fast):
+        x = torch.randn(2, 3, 16, 16, requires_grad=input_grad)
+        with FlopCounterMode(display=False) as forward:
+            out = model(x)
+        with FlopCounterMode(display=False) as backward:
+            out.sum().backward()
+        ops = {str(op) for op in {**forward.get_flop_counts()["Global"],
+                                  **backward.get_flop_counts()["Global"]}}  # fmt: skip
+        counts.append((forward.get_total_flops(), backward.get_total_flops(), ops))
+    (ref_forward, ref_backward, _), (forward, backward, ops) = counts
+    assert ops == {
+        "fastunet.conv2d_relu", "fastunet.conv2d_grad",
+        "fastunet.upsample_concat_conv2d_relu", "fastunet.upsample_concat_conv2d_grad",
+    }  # fmt: skip
+    assert (forward, backward) == (ref_forward, ref_backward)
+    assert forward > 0 and backward > forward
+
+
 def test_autocast_bf16_on_cpu(torch_backend):
     reference, fast = make_pair(depth=2, base_channels=8)
     x = torch.randn(2, 3, 16, 16)

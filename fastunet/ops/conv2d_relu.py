@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from fastunet.ops._backend import choose
 from fastunet.ops._common import (
@@ -203,6 +204,24 @@ def fake_conv_grads(grad: Tensor, input_shape, weight_shape, need_input: bool, n
 @conv2d_grad.register_fake
 def _(grad, x, weight, padding, need_input, need_weight):
     return fake_conv_grads(grad, x.shape, weight.shape, need_input, need_weight)
+
+
+def conv_grad_flops(x_shape, weight_shape, grad_shape, need_input: bool, need_weight: bool) -> int:
+    """FLOPs of a convolution's (stride 1) input and weight gradients, as FlopCounterMode counts
+    aten's convolution_backward: each costs what the convolution does."""
+    return (need_input + need_weight) * conv_flop_count(x_shape, weight_shape, grad_shape)
+
+
+# FlopCounterMode sees the custom ops, not the convolutions inside: without a formula, a model
+# on the ops counts no FLOPs.
+@register_flop_formula(torch.ops.fastunet.conv2d_relu)
+def _(x_shape, weight_shape, *args, out_shape, **kwargs) -> int:
+    return conv_flop_count(x_shape, weight_shape, out_shape)
+
+
+@register_flop_formula(torch.ops.fastunet.conv2d_grad)
+def _(grad_shape, x_shape, weight_shape, padding, need_input, need_weight, **kwargs) -> int:
+    return conv_grad_flops(x_shape, weight_shape, grad_shape, need_input, need_weight)
 
 
 def _setup_context(ctx, inputs, output):

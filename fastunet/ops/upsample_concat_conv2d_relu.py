@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from fastunet.ops._backend import choose
 from fastunet.ops._common import autocast_to_lower_precision, empty_channels_last, kernel_device
@@ -25,6 +26,7 @@ from fastunet.ops.conv2d_relu import (
     conv2d_grad,
     conv2d_relu,
     conv2d_relu_grad_output,
+    conv_grad_flops,
     fake_conv_grads,
 )
 from fastunet.ops.upsample_concat import _check as check_upsample_concat
@@ -37,6 +39,11 @@ def _check(x, skip, weight, bias, padding, mode, align_corners) -> tuple[int, ..
     """Validate the arguments; return the output shape."""
     concat_shape = check_upsample_concat(x, skip, mode, align_corners, OP)
     return check_conv(OP, "cat([skip, upsample(x)])", concat_shape, skip, weight, bias, padding)
+
+
+def _concat_shape(skip_shape, weight_shape) -> tuple[int, ...]:
+    """The shape of cat([skip, upsample(x)], 1), which the op does not make."""
+    return (skip_shape[0], weight_shape[1], *skip_shape[2:])
 
 
 def _triton_kernels(t: Tensor):
@@ -108,8 +115,20 @@ def upsample_concat_conv2d_grad(
 
 @upsample_concat_conv2d_grad.register_fake
 def _(grad, x, skip, weight, padding, mode, align_corners, need_input, need_weight):
-    concat_shape = (skip.shape[0], weight.shape[1], *skip.shape[2:])
+    concat_shape = _concat_shape(skip.shape, weight.shape)
     return fake_conv_grads(grad, concat_shape, weight.shape, need_input, need_weight)
+
+
+@register_flop_formula(torch.ops.fastunet.upsample_concat_conv2d_relu)
+def _(x_shape, skip_shape, weight_shape, *args, out_shape, **kwargs) -> int:
+    return conv_flop_count(_concat_shape(skip_shape, weight_shape), weight_shape, out_shape)
+
+
+@register_flop_formula(torch.ops.fastunet.upsample_concat_conv2d_grad)
+def _(grad_shape, x_shape, skip_shape, weight_shape, padding, mode, align_corners, need_input,
+      need_weight, **kwargs) -> int:  # fmt: skip
+    concat_shape = _concat_shape(skip_shape, weight_shape)
+    return conv_grad_flops(concat_shape, weight_shape, grad_shape, need_input, need_weight)
 
 
 def _setup_context(ctx, inputs, output):
