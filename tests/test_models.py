@@ -198,6 +198,33 @@ def test_on_the_ops_it_counts_the_references_flops(torch_backend, upsample, inpu
     assert forward > 0 and backward > forward
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_forward_hooks_fire_as_on_the_reference(backend, monkeypatch):
+    """Each module's hook fires in the reference's order with its input: the decoders' and their
+    first convs' never fired, as UNet called the first conv's fused upsample-concat path. Their
+    outputs are the reference's, but for a conv's, which is after the ReLU it fuses."""
+    monkeypatch.setenv("FASTUNET_BACKEND", backend)
+    reference, fast = make_pair(upsample="bilinear")
+    x = torch.randn(2, 3, 16, 16)
+    seen = {}
+    for model in (reference, fast):
+        calls = seen[model] = []
+        for name, module in model.named_modules():
+            if name and name != "pool":  # ReferenceUNet pools with F.max_pool2d
+                module.register_forward_hook(
+                    lambda _, args, out, name=name, calls=calls: calls.append((name, args[0], out))
+                )
+        with torch.no_grad():
+            model(x)
+    assert [c[0] for c in seen[fast]] == [c[0] for c in seen[reference]]
+    assert any(name == "decoders.0" for name, _, _ in seen[fast])
+    for (name, args, out), (_, ref_args, ref_out) in zip(seen[fast], seen[reference], strict=True):
+        torch.testing.assert_close(args, ref_args, msg=lambda m, name=name: f"{name}: {m}")
+        is_conv = name.endswith(("conv1", "conv2"))
+        expected = ref_out.relu() if is_conv else ref_out
+        torch.testing.assert_close(out, expected, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_autocast_bf16_on_cpu(torch_backend):
     reference, fast = make_pair(depth=2, base_channels=8)
     x = torch.randn(2, 3, 16, 16)

@@ -5,11 +5,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fastunet import ops
 from fastunet.models._base import UNetBase
 from fastunet.models.reference import ReferenceUNet
 from fastunet.nn import Conv2dReLU, MaxPool2d, NotScriptable
-from fastunet.ops._choice import choose_layout, pytorch_by_rule, runs_pytorch_by_rule
-from fastunet.ops._common import in_functorch_transform, in_memory_format, memory_format_of
+from fastunet.ops._choice import choose_layout, pytorch_by_rule, run_layer, runs_pytorch_by_rule
+from fastunet.ops._common import (
+    GLOBAL_HOOKS,
+    has_hooks,
+    in_functorch_transform,
+    in_memory_format,
+    memory_format_of,
+)
 
 
 class FusedDoubleConv(nn.Module):
@@ -76,10 +83,16 @@ class UNet(NotScriptable, UNetBase):
         x = skips.pop()
         aligned = self.align_corners and self.upsample == "bilinear"  # as ReferenceUNet ignores it
         for level in reversed(range(self.depth)):
-            # The first conv reads skip and the upsampled x directly: no concat tensor.
             decoder = self.decoders[level]
-            x = decoder.conv1.forward_upsampled(x, skips[level], self.upsample, aligned)
-            x = decoder.conv2(x)
+            if any(GLOBAL_HOOKS) or has_hooks(decoder) or has_hooks(decoder.conv1):
+                # Their hooks see the concat, as ReferenceUNet's would: so it is made.
+                concat = run_layer(
+                    "upsample_concat", ops.upsample_concat, x, skips[level], self.upsample, aligned
+                )
+                x = decoder(concat)
+            else:  # the first conv reads skip and the upsampled x directly: no concat tensor
+                x = decoder.conv1.forward_upsampled(x, skips[level], self.upsample, aligned)
+                x = decoder.conv2(x)
         return self.head(x)
 
     @classmethod
