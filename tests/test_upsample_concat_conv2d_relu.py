@@ -23,6 +23,7 @@ from helpers import (
     torch_upsample_concat,
 )
 from torch.library import opcheck
+from torch.utils.flop_counter import FlopCounterMode
 
 from fastunet import ReferenceUNet, UNet, ops
 from fastunet.bench.parity import relative_error
@@ -164,6 +165,26 @@ def opcheck_cases():
         (grad_op, (grad, *detached, 1, "nearest", False, False, True)),
         (grad_op, (grad, *detached, 1, "bilinear", True, True, False)),
     ]
+
+
+@pytest.mark.parametrize("grads", ["weight", "skip", "x-and-weight"])
+@pytest.mark.parametrize("case", ["2x", "head-like-1x1"])
+def test_flop_counter_counts_the_convolution_on_the_concat(case, grads, torch_backend):
+    """FlopCounterMode sees the op, not the convolution inside: its formulas count what aten's
+    convolution and convolution_backward on the concat count, forward and backward."""
+    inputs, (padding, relu), grad_out = make_case(case, torch.float32, "contiguous", "cpu")
+    wanted = {"weight": (2,), "skip": (1,), "x-and-weight": (0, 2)}[grads]
+    counts = []
+    for function in (fused, unfused):
+        leaves = [t.detach().requires_grad_(i in wanted) if t is not None else None
+                  for i, t in enumerate(inputs)]  # fmt: skip
+        with FlopCounterMode(display=False) as forward:
+            out = function(*leaves, padding, relu, "bilinear", False)
+        with FlopCounterMode(display=False) as backward:
+            out.backward(grad_out)
+        counts.append((forward.get_total_flops(), backward.get_total_flops()))
+    assert counts[0] == counts[1]
+    assert counts[0][0] > 0 and counts[0][1] > 0
 
 
 @pytest.mark.parametrize("case", range(5))
