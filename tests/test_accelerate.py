@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune
 import torch.utils.checkpoint
 from helpers import INPUT_LAYOUTS, KERNEL_DEVICE, drawn, in_layout
 from hypothesis import assume, given
@@ -205,6 +206,25 @@ def test_inplace_keeps_the_parameters(torch_backend):
     before = parameters[0].detach().clone()
     optimizer.step()
     assert not torch.equal(parameters[0], before)
+
+
+def test_a_pruned_model_that_cannot_be_copied_says_to_accelerate_it_in_place(torch_backend):
+    """torch.nn.utils.prune leaves each weight a computed tensor, which deepcopy refuses; the
+    error says that accelerate copies and what to do. In place, the pruned model keeps its
+    output (its convs have the pruning hooks, so they run as themselves)."""
+    torch.manual_seed(0)
+    model = MilesialStyleUNet(3, 2, 4).eval()
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            torch.nn.utils.prune.l1_unstructured(module, "weight", 0.5)
+    with pytest.raises(RuntimeError, match=r"cannot be deep-copied.*inplace=True"):
+        fastunet.accelerate(model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    fast = fastunet.accelerate(model, inplace=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), expected)
 
 
 def test_on_meta_tensors_it_counts_the_originals_flops():

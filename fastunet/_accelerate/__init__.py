@@ -44,7 +44,13 @@ def accelerate(model: nn.Module, *, inplace: bool = False, verbose: bool = False
     if hasattr(model, REPORT_ATTRIBUTE):
         raise ValueError("accelerate: this model is accelerated already")
     if not inplace:
-        model = copy.deepcopy(model)
+        try:
+            model = copy.deepcopy(model)
+        except RuntimeError as error:  # a pruned or weight_norm'd model's computed weights
+            raise RuntimeError(
+                "accelerate: the model cannot be deep-copied, which accelerate does to leave it "
+                f"unchanged; accelerate(model, inplace=True) changes the model itself ({error})"
+            ) from error
     report = AccelerationReport()
     swap_modules(model, report)
     install_traced_forwards(model, report)
