@@ -373,6 +373,44 @@ def test_torch_export(name, stand_in, batch, strict, torch_backend):
     assert "fastunet.conv2d_relu.default" in {str(node.target) for node in exported.graph.nodes}
 
 
+class SizedUp(nn.Module):
+    """As smp 0.6's decoder blocks: the size to upsample to comes in as arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(6, 3, 3, padding=1), nn.ReLU())
+
+    def forward(self, x, skip, height, width):
+        x = F.interpolate(x, size=(height, width), mode="nearest")
+        return self.conv(torch.cat([skip, x], 1))
+
+
+class SizesFromShapes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.down, self.up = nn.Conv2d(3, 3, 3, padding=1), SizedUp()
+
+    def forward(self, x):
+        return self.up(F.max_pool2d(self.down(x), 2), x, x.shape[-2], x.shape[-1])
+
+
+@pytest.mark.parametrize("warm_up", [True, False], ids=["after-a-call", "first-call"])
+def test_torch_jit_trace_of_a_block_given_sizes(warm_up, torch_backend):
+    """Inside torch.jit.trace, sizes read from shapes are tensors: a new call signature, which
+    the traced forward traced with fx inside the jit trace, and the jit tracer's internal assert
+    failed (as for smp's Unet). Such a call now runs the forward as written, on the ops."""
+    torch.manual_seed(0)
+    original = SizesFromShapes().eval()
+    fast = fastunet.accelerate(original)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        if warm_up:
+            fast(x)
+        traced = torch.jit.trace(fast, x)
+        torch.testing.assert_close(traced(x), original(x))
+    assert "fastunet::conv2d_relu" in str(traced.inlined_graph)
+
+
 def test_report_says_what_was_replaced_and_what_was_left(torch_backend):
     fast = fastunet.accelerate(SmpStyleUNet(3, 2, (4, 8, 8, 16), (8, 8, 4, 4)))
     report = fastunet.acceleration_report(fast)

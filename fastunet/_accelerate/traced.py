@@ -841,7 +841,10 @@ class TracedForward(ForwardStandIn):
             if generated is None or any(observed(layer) for layer in fused_layers):
                 return type(module).forward(module, *values)  # a hook sees each layer's output
             return generated(module, *values)
-        if torch.compiler.is_compiling() or len(self.traced) >= MAX_SIGNATURES:
+        # fx cannot trace inside a torch.jit trace (an internal assert), which also hands sizes
+        # as tensors (smp's decoder blocks take a height and a width): a new key there.
+        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        if tracing or len(self.traced) >= MAX_SIGNATURES:
             return type(module).forward(module, *values)
         return self._run_and_trace(key, values)
 
