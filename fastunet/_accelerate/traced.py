@@ -28,6 +28,7 @@ import builtins
 import contextlib
 import functools
 import inspect
+import operator
 import threading
 import types
 from collections import Counter
@@ -210,6 +211,13 @@ def trace_leaves(module: nn.Module) -> list[nn.Module]:
     return list(leaves.values())
 
 
+AUGMENTED_ASSIGNMENTS = (
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.irshift, operator.imatmul,
+)  # fmt: skip
+
+
 class _ShapedProxy(fx.Proxy):
     """A Proxy that answers shape questions with the shape the real call had."""
 
@@ -220,12 +228,6 @@ class _ShapedProxy(fx.Proxy):
         """Fails the trace, and marks it failed: user code may catch the error and go on."""
         self.tracer.refused = f"it {what}, which the traced code would not"
         raise fx.proxy.TraceError(self.tracer.refused)
-
-    def _in_place(self, *args):
-        self._refuse("updates a traced value in place (x += ...)")
-
-    __iadd__ = __isub__ = __imul__ = __itruediv__ = __ifloordiv__ = __imod__ = __ipow__ = _in_place
-    __iand__ = __ior__ = __ixor__ = __ilshift__ = __irshift__ = __imatmul__ = _in_place
 
     def _value(self, *args):
         self._refuse("reads a tensor's value into Python")
@@ -282,6 +284,20 @@ class _ShapedProxy(fx.Proxy):
         if real is None:
             return fx.Proxy.__getattr__(self, "is_floating_point")()
         return real.is_floating_point()
+
+
+def _recorded(operation: Callable):
+    def update(self, other):
+        return self.tracer.create_proxy("call_function", operation, (self, other), {})
+
+    return update
+
+
+# `x += y` is recorded as operator.iadd, which the generated code runs in place, as written.
+# Without these Python runs `x = x + y`: the same for a residual block's `out += identity`, but
+# an argument or a view updated so would no longer change the caller's tensor.
+for _operation in AUGMENTED_ASSIGNMENTS:
+    setattr(_ShapedProxy, f"__{_operation.__name__}__", _recorded(_operation))
 
 
 def _submodule(root: nn.Module, target: str) -> nn.Module:
@@ -602,15 +618,31 @@ CATS = (torch.cat, torch.concat, torch.concatenate)
 
 def _mutates(node: fx.Node) -> bool:
     """Whether a node may change a tensor in place: a method or function whose name ends in an
-    underscore (x.mul_, torch.relu_), inplace=True, item assignment, or a layer's call (an
-    nn.ReLU(inplace=True), or a user's)."""
+    underscore (x.mul_, torch.relu_), inplace=True, item or augmented assignment (x += y), or a
+    layer's call (an nn.ReLU(inplace=True), or a user's)."""
     if node.op == "call_module":
         return True
     if node.op not in ("call_method", "call_function"):
         return False
+    if node.target in AUGMENTED_ASSIGNMENTS:
+        return True
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     in_place = name.endswith("_") and not name.endswith("__")
     return in_place or name == "setitem" or node.kwargs.get("inplace") is True
+
+
+def _updated_in_place(node: fx.Node, root: nn.Module) -> bool:
+    """Whether a later node changes node's value in place (out += identity, out.mul_(2), an
+    nn.LeakyReLU(inplace=True) on it)."""
+    for user in node.users:
+        if not user.args or user.args[0] is not node:
+            continue
+        if user.op == "call_module":
+            if getattr(root.get_submodule(user.target), "inplace", False) is True:
+                return True
+        elif _mutates(user):
+            return True
+    return False
 
 
 def _changed_in_between(first: fx.Node, last: fx.Node, own: set) -> bool:
@@ -762,6 +794,10 @@ def _rewrite_conv_chain(graph: fx.Graph, conv: fx.Node, root: nn.Module, rows: l
         steps.append("relu" if slope == 0 else f"leaky_relu({slope:g})")
     if _changed_in_between(conv, last, {batch_norm}):
         rows.append((" + ".join(steps), LEFT, IN_BETWEEN))
+        return
+    if slope and _updated_in_place(last, root):
+        why = "its output changes in place later, and the op saves it for the backward"
+        rows.append((" + ".join(steps), LEFT, why + " (PyTorch's LeakyReLU saves its input)"))
         return
     with graph.inserting_before(last):
         fused = graph.call_function(conv_chain, (
