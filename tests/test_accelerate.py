@@ -280,6 +280,21 @@ def test_torch_compile_fullgraph(training, torch_backend):
     assert targets["fastunet.upsample_concat.default"] == 3
 
 
+def test_an_instance_forward_keeps_its_signature(torch_backend):
+    """A forward set on the instance before accelerate (a wrapper taking `image`) is what the
+    model's stand-in shows, so export's dynamic_shapes can name its argument."""
+    torch.manual_seed(0)
+    model = MilesialStyleUNet(3, 2, 4).eval()
+    model.forward = lambda image: type(model).forward(model, image * 2)
+    x, x3 = torch.randn(2, 3, 16, 16), torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x3)
+    fast = fastunet.accelerate(model, inplace=True)  # the lambda calls model, not a copy
+    assert list(inspect.signature(fast.forward).parameters) == ["image"]
+    exported = torch.export.export(fast, (x,), dynamic_shapes={"image": {0: torch.export.Dim("n")}})
+    torch.testing.assert_close(exported.module()(x3), expected)
+
+
 def test_torch_compile_dynamic_compiles_one_graph_for_every_batch_size(torch_backend):
     """Under dynamic=True the sizes are symbolic, and the traces are keyed by concrete sizes:
     the traced forwards run as written, in one graph for every batch size. (Looking the sizes up
@@ -850,27 +865,31 @@ def test_residual_blocks_fuse_their_chains_and_match(torch_backend):
 
 
 class _LeakyResidual(nn.Module):
-    def __init__(self):
+    def __init__(self, through_a_view: bool):
         super().__init__()
         self.conv, self.act = nn.Conv2d(3, 3, 3, padding=1), nn.LeakyReLU(0.1)
+        self.through_a_view = through_a_view
 
     def forward(self, x):
         out = self.act(self.conv(x))
-        out += x
+        changed = out[:, :2] if self.through_a_view else out
+        changed += x[:, : changed.shape[1]]
         return F.relu(out)  # a pattern function: the forward is traced
 
 
-def test_a_leaky_relu_conv_whose_output_changes_in_place_later_is_left(torch_backend):
+@pytest.mark.parametrize("through_a_view", [False, True], ids=["output", "view"])
+def test_a_leaky_relu_conv_before_an_in_place_change_is_left(through_a_view, torch_backend):
     """The op saves its output for the backward where PyTorch's LeakyReLU saves its input: fused,
-    `out += x` after it would make the backward raise autograd's in-place error."""
+    `out += x` after it, or on a view of it, would make the backward raise autograd's in-place
+    error. (Such forwards failed their trace before `+=` was traced.)"""
     torch.manual_seed(0)
-    original = _LeakyResidual()
+    original = _LeakyResidual(through_a_view)
     fast = fastunet.accelerate(original)
     x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)  # no layout copy between
     for _ in range(2):
         compare(original, fast, x)
     (row,) = fastunet.acceleration_report(fast).left()
-    assert row.pattern == "conv2d + leaky_relu(0.1)" and "changes in place later" in row.why
+    assert row.pattern == "conv2d + leaky_relu(0.1)" and "changes in place after it" in row.why
 
 
 class _InPlaceBetween(nn.Module):

@@ -276,6 +276,10 @@ class RuleScopedForward(ForwardStandIn):
     def __init__(self, model: nn.Module, forward: Callable | None):
         self.module, self.forward = model, forward
 
+    @property
+    def __signature__(self) -> inspect.Signature:  # an instance forward's, where there was one
+        return inspect.signature(self.forward) if self.forward else super().__signature__
+
     def __call__(self, *args, **kwargs):
         forward = self.forward or functools.partial(type(self.module).forward, self.module)
         if torch.compiler.is_compiling():  # each layer's own check goes into the graph

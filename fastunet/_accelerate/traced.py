@@ -631,17 +631,17 @@ def _mutates(node: fx.Node) -> bool:
     return in_place or name == "setitem" or node.kwargs.get("inplace") is True
 
 
-def _updated_in_place(node: fx.Node, root: nn.Module) -> bool:
-    """Whether a later node changes node's value in place (out += identity, out.mul_(2), an
-    nn.LeakyReLU(inplace=True) on it)."""
-    for user in node.users:
-        if not user.args or user.args[0] is not node:
-            continue
-        if user.op == "call_module":
-            if getattr(root.get_submodule(user.target), "inplace", False) is True:
+def _changes_in_place_after(node: fx.Node, root: nn.Module) -> bool:
+    """Whether a node after this one may change a tensor in place (out += identity, x.mul_(2), an
+    nn.LeakyReLU(inplace=True)): any, as the tensor changed may be a view of node's value."""
+    later = node.next
+    while later.op != "output":
+        if later.op == "call_module":
+            if getattr(root.get_submodule(later.target), "inplace", False) is True:
                 return True
-        elif _mutates(user):
+        elif _mutates(later):
             return True
+        later = later.next
     return False
 
 
@@ -795,9 +795,10 @@ def _rewrite_conv_chain(graph: fx.Graph, conv: fx.Node, root: nn.Module, rows: l
     if _changed_in_between(conv, last, {batch_norm}):
         rows.append((" + ".join(steps), LEFT, IN_BETWEEN))
         return
-    if slope and _updated_in_place(last, root):
-        why = "its output changes in place later, and the op saves it for the backward"
-        rows.append((" + ".join(steps), LEFT, why + " (PyTorch's LeakyReLU saves its input)"))
+    if slope and _changes_in_place_after(last, root):
+        why = "a tensor changes in place after it (its output, maybe), which the op saves for"
+        why += " the backward where PyTorch's LeakyReLU saves its input"
+        rows.append((" + ".join(steps), LEFT, why))
         return
     with graph.inserting_before(last):
         fused = graph.call_function(conv_chain, (
