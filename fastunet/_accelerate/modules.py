@@ -228,7 +228,11 @@ class ForwardStandIn:
 
     @property
     def __signature__(self) -> inspect.Signature:
-        return inspect.signature(functools.partial(type(self.module).forward, self.module))
+        return inspect.signature(self.written_forward())
+
+    def written_forward(self) -> Callable:
+        """The module's forward as its class writes it, bound to the module."""
+        return functools.partial(type(self.module).forward, self.module)
 
 
 class ChainForward(ForwardStandIn):
@@ -281,7 +285,7 @@ class RuleScopedForward(ForwardStandIn):
         return inspect.signature(self.forward) if self.forward else super().__signature__
 
     def __call__(self, *args, **kwargs):
-        forward = self.forward or functools.partial(type(self.module).forward, self.module)
+        forward = self.forward or self.written_forward()
         if torch.compiler.is_compiling():  # each layer's own check goes into the graph
             return forward(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()), None)  # the input, as a rule
