@@ -21,9 +21,10 @@ class NotScriptable:
         raise TypeError(
             f"torch.jit.script: {type(self).__name__} is one of fastunet's layers, which "
             "TorchScript cannot compile (they choose their path in Python). torch.jit.trace and "
-            "torch.export capture them; or take the model back to plain PyTorch: "
-            "UNet.to_reference(), or the model given to fastunet.accelerate (which it leaves "
-            "unchanged)"
+            "torch.export capture them (the result calls fastunet's ops, so loading it needs "
+            "fastunet imported). For TorchScript without fastunet, torch.jit.trace the plain "
+            "PyTorch model: UNet.to_reference() (which does not script either), or the model "
+            "given to fastunet.accelerate (which it leaves unchanged)"
         )
 
 

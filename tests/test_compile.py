@@ -66,3 +66,15 @@ def test_torchscript_refuses_fastunets_layers_and_says_what_works(make, layer):
     (or, for an accelerated model, was an AttributeError on a forward's __globals__)."""
     with pytest.raises(TypeError, match=f"torch.jit.script: {layer} is one of fastunet's layers"):
         torch.jit.script(make())
+
+
+def test_the_torchscript_way_the_error_names_works():
+    """torch.jit.trace of UNet.to_reference() gives TorchScript without fastunet's ops, which
+    follows the input's shape."""
+    fast = UNet(3, 2, 4, 2).eval()
+    with pytest.warns(torch.jit.TracerWarning):  # check_input's Python ints
+        traced = torch.jit.trace(fast.to_reference(), torch.randn(2, 3, 16, 16))
+    assert not [node for node in traced.inlined_graph.nodes() if "fastunet" in node.kind()]
+    x = torch.randn(1, 3, 24, 40)
+    with torch.no_grad():
+        assert relative_error(traced(x), fast(x)) <= 1e-5
