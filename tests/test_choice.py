@@ -371,6 +371,68 @@ def test_dtypes_without_a_kernel_take_pytorchs_path(cache, measured):
     assert spy.calls == 0 and measured.calls == 0
 
 
+@pytest.fixture
+def deterministic():
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize(
+    "op, mode, training, deterministic_only, fastunets",
+    [
+        ("upsample_concat", "bilinear", True, True, True),
+        ("upsample_concat_conv2d_relu", "bilinear", True, True, True),
+        ("upsample_concat", "nearest", True, True, False),  # PyTorch's is deterministic
+        ("upsample_concat", "bilinear", False, True, False),  # no backward
+        ("upsample_concat", "bilinear", True, False, False),  # not asked for
+    ],
+)  # fmt: skip
+def test_deterministic_algorithms_take_fastunets_bilinear_backward_on_cuda(
+    cache, measured, op, mode, training, deterministic_only, fastunets
+):
+    """PyTorch's CUDA bilinear backward raises under torch.use_deterministic_algorithms;
+    fastunet's is deterministic, so it runs without measuring (fake CUDA tensors here; the GPU
+    tier trains a UNet). Elsewhere the choice is measured as always."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 4, 3, 3, device="cuda", requires_grad=training)
+        skip = torch.empty(2, 2, 6, 6, device="cuda")
+        weight = torch.empty(3, 6, 3, 3, device="cuda")
+        args = (x, skip, mode, False, True) if op == "upsample_concat" else (
+            x, skip, weight, None, 1, True, mode, False)  # fmt: skip
+        torch.use_deterministic_algorithms(deterministic_only)
+        try:
+            rule = _choice._deterministic_rule(op, args)
+            if fastunets:
+                assert _choice.choose_path(op, Spy(None), args) is _choice.DETERMINISTIC_CHOICE
+        finally:
+            torch.use_deterministic_algorithms(False)
+    assert rule is (_choice.DETERMINISTIC_CHOICE if fastunets else None)
+    assert measured.calls == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_bilinear_unet_trains_deterministically_where_pytorch_refuses(
+    cache, deterministic, dtype
+):
+    torch.manual_seed(0)
+    reference = ReferenceUNet(3, 2, 8, 2, upsample="bilinear").cuda().to(dtype)
+    x = torch.randn(2, 3, 24, 20, device="cuda", dtype=dtype)
+    with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
+        reference(x).sum().backward()
+    fast = UNet.from_reference(reference)
+    grads = []
+    for _ in range(2):
+        fast.zero_grad(set_to_none=True)
+        fast(x).float().sum().backward()
+        grads.append([p.grad for p in fast.parameters()])
+    for first, second in zip(*grads, strict=True):
+        assert torch.equal(first, second)
+
+
 def test_torch_compile_traces_the_fastunet_op_without_measuring(cache, measured, monkeypatch):
     from fastunet import ops
 

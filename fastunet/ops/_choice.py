@@ -22,7 +22,10 @@ Choices made without measuring (`_rule`):
   or a dispatch mode (FlopCounterMode) nothing is timed: a cached choice, else the fastunet op
   (under torch.compile, always the fastunet op);
 - where timing runs the GPU out of memory (a model that fills it), PyTorch's own path, kept in
-  this process and not saved.
+  this process and not saved;
+- under `torch.use_deterministic_algorithms`, a bilinear upsample's training pass on CUDA runs
+  fastunet's kernel (`_deterministic_rule`): PyTorch's CUDA bilinear backward has no deterministic
+  implementation (it raises, or warns with warn_only), fastunet's gathers in a fixed order.
 
 Where the CPU rule holds, a whole model's activations can still run in either memory format:
 oneDNN's convolutions are faster in channels_last for some shapes and passes and in NCHW for
@@ -123,6 +126,14 @@ INTERPRETER_CHOICE = Choice("fastunet", "TRITON_INTERPRET=1: the kernels run, to
 OUT_OF_MEMORY_CHOICE = Choice(
     "torch", "not measured: the GPU ran out of memory while timing both paths (not saved)"
 )
+DETERMINISTIC_CHOICE = Choice(
+    "fastunet",
+    "torch.use_deterministic_algorithms: PyTorch's CUDA bilinear upsample backward is not "
+    "deterministic, fastunet's is",
+)
+# Where each upsampling op takes its mode: PyTorch's path for these has a nondeterministic
+# backward on CUDA when the mode is bilinear.
+MODE_ARGUMENT = {"upsample_concat": 2, "upsample_concat_conv2d_relu": 6}
 META_CHOICE = Choice(
     "torch",
     "meta tensor: no data to time; PyTorch's path, whose calls FlopCounterMode and other "
@@ -345,6 +356,22 @@ def _rule(op: str, x: Tensor) -> Choice | None:
     return None
 
 
+def _deterministic_rule(op: str, args: tuple) -> Choice | None:
+    """fastunet's kernel where deterministic algorithms are asked for and PyTorch's path has
+    none (see the module docstring), else None."""
+    x = args[0]
+    if (
+        op in MODE_ARGUMENT
+        and args[MODE_ARGUMENT[op]] == "bilinear"
+        and x.device.type == "cuda"
+        and torch.are_deterministic_algorithms_enabled()
+        and _is_training(args)
+        and choose(op, x.device, x.dtype).is_triton
+    ):
+        return DETERMINISTIC_CHOICE
+    return None
+
+
 @contextlib.contextmanager
 def pytorch_by_rule() -> Iterator[None]:
     """Inside, every layer runs PyTorch's path without asking: for a model that has checked
@@ -404,7 +431,7 @@ def choose_path(op: str, fastunet_fn: Callable, args: tuple) -> Choice:
     """Which path runs this call of `op`: a rule, this process's earlier choice, the cache on
     disk, or a measurement now (which is then saved)."""
     x = args[0]
-    rule = _rule(op, x)
+    rule = _rule(op, x) or _deterministic_rule(op, args)
     if rule is not None:
         return rule
     memo = call_key(op, args)
