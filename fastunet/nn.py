@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from fastunet import ops
 from fastunet.ops._choice import run_layer
+from fastunet.ops.upsample_concat import check_mode
 
 
 class NotScriptable:
@@ -77,6 +78,8 @@ class UpsampleConcat(NotScriptable, nn.Module):
 
     def __init__(self, mode: str = "nearest", align_corners: bool = False):
         super().__init__()
+        # Here, not at the first call: PyTorch's path (the CPU's) would take other modes.
+        check_mode("UpsampleConcat", mode, align_corners)
         self.mode, self.align_corners = mode, align_corners
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:

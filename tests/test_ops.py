@@ -244,9 +244,10 @@ def test_output_layouts():
         (lambda: ops.upsample_concat_conv2d_relu(torch.randn(1, 3, 4, 4), torch.randn(1, 2, 8, 8),
                                                  torch.randn(4, 5, 3, 3), align_corners=True),
          ValueError, "upsample_concat_conv2d_relu: align_corners=True is for mode 'bilinear'"),
-        (lambda: UpsampleConcat("nearest", True)(torch.randn(1, 3, 4, 4),
-                                                 torch.randn(1, 3, 8, 8)),
-         ValueError, "align_corners"),
+        # At construction: on the CPU, PyTorch's path would have taken bicubic until a GPU
+        (lambda: UpsampleConcat("nearest", True), ValueError,
+         "UpsampleConcat: align_corners=True is for mode 'bilinear'"),
+        (lambda: UpsampleConcat("bicubic"), ValueError, "UpsampleConcat: mode must be one of"),
         (lambda: ops.upsample_concat(torch.randn(1, 3, 4, 4).double(), torch.randn(1, 3, 8, 8)),
          TypeError, "skip is torch.float32 but x is torch.float64"),
         (lambda: ops.upsample_concat(torch.randn(1, 3, 4, 4),

@@ -30,6 +30,14 @@ OP = "upsample_concat"
 MODES = ("nearest", "bilinear")
 
 
+def check_mode(op: str, mode: str, align_corners: bool) -> None:
+    """The upsampling the kernels compute; `op` names the op or layer in the errors."""
+    if mode not in MODES:
+        raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
+    if align_corners and mode == "nearest":  # as F.interpolate refuses it
+        raise ValueError(f"{op}: align_corners=True is for mode 'bilinear', not 'nearest'")
+
+
 def _check(
     x: Tensor, skip: Tensor, mode: str, align_corners: bool, op: str = OP
 ) -> tuple[int, ...]:
@@ -37,10 +45,7 @@ def _check(
     refuse_forward_ad(op)
     check_activation(op, "x", x)
     check_activation(op, "skip", skip)
-    if mode not in MODES:
-        raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
-    if align_corners and mode == "nearest":  # as F.interpolate refuses it
-        raise ValueError(f"{op}: align_corners=True is for mode 'bilinear', not 'nearest'")
+    check_mode(op, mode, align_corners)
     check_same_device_and_dtype(op, x=x, skip=skip)
     if x.shape[0] != skip.shape[0]:
         raise ValueError(
