@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 import torch.nn.utils.prune
 import torch.utils.checkpoint
-from helpers import INPUT_LAYOUTS, KERNEL_DEVICE, drawn, in_layout
+from helpers import INPUT_LAYOUTS, KERNEL_DEVICE, backend_device, drawn, in_layout
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
@@ -1425,6 +1425,59 @@ def test_a_replaced_conv_hands_on_the_layout_pytorchs_would(
         expected, out = original(x), fast(x)
     torch.testing.assert_close(out, expected)
     assert out.stride() == expected.stride()
+
+
+class ReluInForward(nn.Module):
+    """A conv + activation written in a forward (a traced pattern), in place or not."""
+
+    def __init__(self, conv: nn.Conv2d, in_place: bool):
+        super().__init__()
+        self.conv, self.in_place = conv, in_place
+
+    def forward(self, x):
+        return F.relu(self.conv(x), inplace=self.in_place)
+
+
+@pytest.mark.parametrize(
+    "where, activation",
+    [("sequential", "none"), ("sequential", "relu"), ("sequential", "relu-in-place"),
+     ("sequential", "leaky-relu"), ("sequential", "batch-norm"),
+     ("sequential", "batch-norm-relu-in-place"), ("forward", "relu"),
+     ("forward", "relu-in-place")],
+)  # fmt: skip
+@pytest.mark.parametrize(
+    "shape, out_channels",
+    [((2, 8, 1, 1), 6), ((2, 8, 2, 2), 6), ((2, 3, 4, 5), 1), ((2, 1, 4, 5), 1)],
+    ids=["1x1-image", "pooled-to-1x1", "one-output-channel", "one-channel"],
+)  # fmt: skip
+def test_where_both_layouts_fit_the_output_has_the_originals_strides(
+    backend, where, activation, shape, out_channels
+):
+    """At a 1x1 image or one channel, NCHW and channels_last strides describe the same memory,
+    and the next layer reads the layout from the strides: an upsample of a 1x1 image then
+    computes the other layout, and a dropout after it draws another mask. The kernels' output
+    had channels_last strides whatever PyTorch's had; PyTorch's new-tensor activations (and
+    BatchNorm on the CPU) give NCHW ones there, its in-place ones keep the convolution's."""
+    conv = nn.Conv2d(shape[1], out_channels, 3, padding=1)
+    if where == "forward":
+        original = ReluInForward(conv, in_place=activation == "relu-in-place")
+    else:
+        layers = {"none": [], "relu": [nn.ReLU()], "relu-in-place": [nn.ReLU(inplace=True)],
+                  "leaky-relu": [nn.LeakyReLU(0.1)], "batch-norm": [nn.BatchNorm2d(out_channels)],
+                  "batch-norm-relu-in-place": [nn.BatchNorm2d(out_channels),
+                                               nn.ReLU(inplace=True)]}[activation]  # fmt: skip
+        original = nn.Sequential(conv, *layers).eval()  # a BatchNorm2d folds in eval
+    device = backend_device(backend)
+    original = original.to(device)
+    fast = fastunet.accelerate(original)
+    for layout in _choice.LAYOUTS.values():
+        x = torch.randn(shape, device=device).contiguous(memory_format=layout)
+        if shape[2:] == (2, 2):
+            x = F.max_pool2d(x, 2)  # a 1x1 image with channels_last strides
+        with torch.no_grad():
+            expected, out = original(x), fast(x)
+        torch.testing.assert_close(out, expected)
+        assert out.stride() == expected.stride(), (layout, x.stride())
 
 
 @pytest.mark.gpu

@@ -39,7 +39,13 @@ from fastunet.ops._choice import (
     run_layer,
     runs_pytorch_by_rule,
 )
-from fastunet.ops._common import CHANNELS_LAST, GLOBAL_HOOKS, has_hooks, memory_format_of
+from fastunet.ops._common import (
+    CHANNELS_LAST,
+    GLOBAL_HOOKS,
+    has_hooks,
+    in_memory_format,
+    memory_format_of,
+)
 
 
 def observed(module: nn.Module) -> bool:
@@ -100,10 +106,12 @@ def fold_batch_norm(
     return weight * scale.reshape(-1, 1, 1, 1), shift
 
 
-def _activation(x: Tensor, negative_slope: float | None) -> Tensor:
+def _activation(x: Tensor, negative_slope: float | None, in_place: bool = False) -> Tensor:
     if negative_slope is None:
         return x
-    return F.relu(x) if negative_slope == 0 else F.leaky_relu(x, negative_slope)
+    if negative_slope == 0:
+        return F.relu(x, inplace=in_place)
+    return F.leaky_relu(x, negative_slope, inplace=in_place)
 
 
 @dataclass(eq=False)
@@ -116,6 +124,7 @@ class Chain:
     batch_norm: nn.BatchNorm2d | None
     noops: tuple[nn.Module, ...]
     negative_slope: float | None
+    activation_in_place: bool = False
     layers: tuple[nn.Module, ...] = ()
 
     def folds_now(self) -> bool:
@@ -162,9 +171,15 @@ class FusedConv2d(NotScriptable, nn.Conv2d):
         return self.run(x, None, None)
 
     def run(
-        self, x: Tensor, batch_norm: nn.BatchNorm2d | None, negative_slope: float | None
+        self,
+        x: Tensor,
+        batch_norm: nn.BatchNorm2d | None,
+        negative_slope: float | None,
+        activation_in_place: bool = False,
     ) -> Tensor:
-        """activation(batch_norm(conv(x))) in one op; batch_norm must fold (eval) or be None."""
+        """activation(batch_norm(conv(x))) in one op; batch_norm must fold (eval) or be None.
+        `activation_in_place`: whether the activation as written changes the tensor in place
+        (it then keeps the strides it is given, see `chain_layout`)."""
         weight, bias = self.weight, self.bias
         if batch_norm is not None and runs_pytorch_by_rule(x):
             # PyTorch's path on this device anyway: conv, BatchNorm and activation as written,
@@ -178,20 +193,41 @@ class FusedConv2d(NotScriptable, nn.Conv2d):
                 out, batch_norm.running_mean, batch_norm.running_var, batch_norm.weight,
                 batch_norm.bias, training=False, eps=batch_norm.eps,
             )  # fmt: skip
-            return _activation(out, negative_slope)
+            return _activation(out, negative_slope, activation_in_place)
         if batch_norm is not None:
             weight, bias = fold_batch_norm(weight, bias, batch_norm)
         if x.dim() != 4 or not x.is_floating_point():
-            return _activation(F.conv2d(x, weight, bias, padding=self.padding), negative_slope)
+            out = F.conv2d(x, weight, bias, padding=self.padding)
+            return _activation(out, negative_slope, activation_in_place)
         out = run_layer(
             "conv2d_relu", ops.conv2d_relu, x, weight, bias, self.padding[0],
             negative_slope is not None, negative_slope or 0.0,
         )  # fmt: skip
-        return out.contiguous(memory_format=conv_layout(x, weight))
+        # The original's last step that makes a new tensor: a new-tensor activation, or a
+        # BatchNorm2d's on the CPU (cuDNN's keeps the convolution's strides).
+        makes_a_tensor = (negative_slope is not None and not activation_in_place) or (
+            batch_norm is not None and not x.is_cuda
+        )
+        return in_memory_format(out, chain_layout(x, weight, out, makes_a_tensor))
 
 
 # fastunet's ops return channels_last; a replaced layer hands on the layout that the PyTorch layer
 # it replaces would have given.
+
+
+def chain_layout(
+    x: Tensor, weight: Tensor, out: Tensor, makes_a_tensor: bool
+) -> torch.memory_format:
+    """The layout of the original's output for a replaced chain's output `out`: the
+    convolution's (`conv_layout`), with that layout's own strides. Where both layouts fit `out`
+    (a 1x1 image, one channel) the strides alone say which one the next layer reads, and a step
+    after the convolution that makes a new tensor gives it NCHW strides: an activation not in
+    place (as every elementwise op does there, on any device), and a BatchNorm2d on the CPU.
+    (On CUDA, cuDNN's BatchNorm keeps its input's strides; PyTorch's own, for bf16, is not
+    covered.)"""
+    if makes_a_tensor and out.is_contiguous():
+        return torch.contiguous_format
+    return conv_layout(x, weight)
 
 
 def conv_layout(x: Tensor, weight: Tensor) -> torch.memory_format:
@@ -256,7 +292,9 @@ class ChainForward(ForwardStandIn):
             span = 0 if chain is None else len(chain.layers)
             # Its layers in the order they were found (modules compare by identity), folding now.
             if chain and tuple(layers[i : i + span]) == chain.layers and chain.folds_now():
-                input = layers[i].run(input, chain.batch_norm, chain.negative_slope)
+                input = layers[i].run(
+                    input, chain.batch_norm, chain.negative_slope, chain.activation_in_place
+                )
                 i += span
             else:
                 input = layers[i](input)
@@ -314,20 +352,25 @@ def upsample_concat(
         out = run_layer(
             "upsample_concat", ops.upsample_concat, x, skip, mode, align_corners, skip_first
         )
-        return out.contiguous(memory_format=cat_layout(skip, x))
+        return in_memory_format(out, cat_layout(skip, x))
     aligned = align_corners if mode == "bilinear" else None
     up = F.interpolate(x, size=skip.shape[-2:], mode=mode, align_corners=aligned)
     return torch.cat([skip, up] if skip_first else [up, skip], 1)
 
 
 def conv_chain(
-    x: Tensor, conv: FusedConv2d, batch_norm: nn.BatchNorm2d | None, negative_slope: float | None
+    x: Tensor,
+    conv: FusedConv2d,
+    batch_norm: nn.BatchNorm2d | None,
+    negative_slope: float | None,
+    activation_in_place: bool = False,
 ) -> Tensor:
     """activation(batch_norm(conv(x))) as a traced forward wrote it: one op while the
     BatchNorm2d folds (eval), else each step as itself."""
     if inside_pytorch_by_rule():
         out = conv(x)
-        return _activation(out if batch_norm is None else batch_norm(out), negative_slope)
+        out = out if batch_norm is None else batch_norm(out)
+        return _activation(out, negative_slope, activation_in_place)
     if batch_norm is None or batch_norm_folds(batch_norm):
-        return conv.run(x, batch_norm, negative_slope)
-    return _activation(batch_norm(conv(x)), negative_slope)
+        return conv.run(x, batch_norm, negative_slope, activation_in_place)
+    return _activation(batch_norm(conv(x)), negative_slope, activation_in_place)

@@ -135,15 +135,16 @@ def _chain_after(slots: list[Slot], i: int, conv: nn.Conv2d, uses: Counter):
             continue
         slope = _activation_slope(module)
         if slope is not None:
-            return _make_chain(batch_norm, noops + pending, slope), j, None
+            chain = _make_chain(batch_norm, noops + pending, slope, module.inplace)
+            return chain, j, None
         return _make_chain(batch_norm, noops, None), last, module
     return _make_chain(batch_norm, noops, None), last, None
 
 
-def _make_chain(batch_norm, noops, slope) -> Chain | None:
+def _make_chain(batch_norm, noops, slope, activation_in_place=False) -> Chain | None:
     if batch_norm is None and slope is None:
         return None
-    return Chain(batch_norm, tuple(noops), slope)
+    return Chain(batch_norm, tuple(noops), slope, activation_in_place)
 
 
 def _stop_note(module: nn.Module | None) -> str:

@@ -766,6 +766,19 @@ def _activation_slope(node: fx.Node, root: nn.Module, x: fx.Node) -> float | Non
     return None
 
 
+def _in_place(node: fx.Node, root: nn.Module) -> bool:
+    """Whether an activation node (one `_activation_slope` took) changes its input in place."""
+    if node.op == "call_module":
+        return root.get_submodule(node.target).inplace
+    if node.op == "call_method":
+        return node.target == "relu_"
+    if node.target in (F.relu_, torch.relu_, F.leaky_relu_):
+        return True
+    names = ("input", "inplace") if node.target in RELU_FUNCTIONS else (
+        "input", "negative_slope", "inplace")  # fmt: skip
+    return bool(_arguments(node, names, {"negative_slope": 0.01, "inplace": False})["inplace"])
+
+
 def _rewrite_conv_chain(graph: fx.Graph, conv: fx.Node, root: nn.Module, rows: list) -> None:
     """conv -> [BatchNorm2d] -> [ReLU/LeakyReLU], each the next one's only input, written in a
     forward (a Sequential's chains are fused by the module swaps)."""
@@ -806,6 +819,7 @@ def _rewrite_conv_chain(graph: fx.Graph, conv: fx.Node, root: nn.Module, rows: l
             graph.get_attr(conv.target),
             None if batch_norm is None else graph.get_attr(batch_norm.target),
             slope,
+            slope is not None and _in_place(last, root),
         ))  # fmt: skip
     fused.meta[META] = last.meta[META]
     last.replace_all_uses_with(fused)

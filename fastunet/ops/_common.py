@@ -121,7 +121,7 @@ def in_memory_format(x: torch.Tensor, layout: torch.memory_format) -> torch.Tens
         return x
     c, h, w = x.shape[1:]
     dense = (c * h * w, 1, w * c, c) if layout == CHANNELS_LAST else (c * h * w, h * w, w, 1)
-    return x if x.stride() == dense else x.as_strided(x.shape, dense, x.storage_offset())
+    return x if x.stride() == dense else x.as_strided(x.shape, dense)
 
 
 def empty_channels_last(
