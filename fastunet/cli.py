@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -14,7 +17,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def _info(args: argparse.Namespace) -> int:
     from fastunet.info import format_info, info
 
-    report = info(args.device)
+    report = info(args.device and str(_device(args.device)))
     print(json.dumps(report, indent=2) if args.json else format_info(report))
     return 0
 
@@ -23,6 +26,7 @@ def _parity(args: argparse.Namespace) -> int:
     from fastunet.bench.parity import compare
 
     device = _device(args.device)
+    _check_size(args)
     result = compare(
         batch=args.batch, size=args.size, base_channels=args.base_channels, depth=args.depth,
         upsample=args.upsample, dtype=DTYPES[args.dtype], autocast=args.autocast, device=device,
@@ -48,6 +52,7 @@ def _tune(args: argparse.Namespace) -> int:
     from fastunet.ops import _choice
 
     device = _device(args.device)
+    _check_size(args)
     dtype = DTYPES[args.dtype]
     model = UNet(args.in_channels, args.num_classes, args.base_channels, args.depth,
                  upsample=args.upsample).to(device)  # fmt: skip
@@ -61,6 +66,9 @@ def _tune(args: argparse.Namespace) -> int:
             out = model(x.requires_grad_(args.input_grad))
         out.float().sum().backward()
     table = {key: choice for key, choice in calls}
+    cache = _choice.cache_file(device)
+    if _choice.cache_for(device).save_failed:
+        raise OSError(f"the choices were made but could not be saved in {cache} (see the warning)")
     if args.json:
         print(json.dumps({key: vars(choice) for key, choice in table.items()}, indent=2))
         return 0
@@ -69,7 +77,7 @@ def _tune(args: argparse.Namespace) -> int:
     counts = _choice.summarize(list(table.items()))
     shapes = counts["fastunet"] + counts["torch"]
     print(f"\n{shapes} layer shapes: {counts['fastunet']} fastunet, {counts['torch']} torch; "
-          f"measured choices are kept in {_choice.cache_file(device)}")  # fmt: skip
+          f"measured choices are kept in {cache}")  # fmt: skip
     return 0
 
 
@@ -105,6 +113,38 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
+def _check_size(args: argparse.Namespace) -> None:
+    """Before the model is built: a deep model is large (base_channels * 2**depth channels)."""
+    if args.size < 2**args.depth:
+        raise ValueError(f"--size must be >= 2**depth = {2**args.depth}, got {args.size}")
+
+
+def _check_writable(option: str, path: str | None) -> None:
+    """A file the run will write: its folder must exist, and it must not be a folder, so a
+    mistake fails before minutes of timing rather than after."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{option} {path} is a directory; give a file name")
+    folder = target.parent
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{option} {path}: the folder {folder} is not writable")
+
+
+def write_atomically(path: str, text: str) -> None:
+    """path holds the old text or the new, never a part: a failed write (a full disk) keeps
+    what the last checkpoint wrote."""
+    temporary = Path(f"{path}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from fastunet.bench import report, suite
 
@@ -113,6 +153,11 @@ def _bench(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise ValueError("--plot needs matplotlib: pip install 'fastunet[plot]'") from None
+    if args.only == "ops" and args.case:
+        raise ValueError("--case names model cases, which --only ops leaves out")
+    for option, path in (("--output", args.output), ("--markdown", args.markdown),
+                         ("--plot", args.plot)):  # fmt: skip
+        _check_writable(option, path)
     device = _device(args.device)
     if device.type == "cpu" and not args.quick:
         print("fastunet bench: no CUDA device, so the --quick suite (the full one needs a GPU)",
@@ -125,8 +170,7 @@ def _bench(args: argparse.Namespace) -> int:
     )
 
     def checkpoint(result: dict) -> None:  # a run cut short still leaves what it measured
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
+        write_atomically(args.output, json.dumps(result, indent=2))
 
     try:
         result = suite.run(
@@ -135,8 +179,7 @@ def _bench(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(report.markdown_report(result))
+        write_atomically(args.markdown, report.markdown_report(result))
     if args.plot:
         report.plot(result, args.plot)
     print(report.text_report(result))
@@ -153,8 +196,8 @@ def _positive_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
 
 
@@ -233,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, RuntimeError) as error:
+    except (ValueError, TypeError, RuntimeError, OSError) as error:
         print(f"fastunet {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -116,9 +116,18 @@ def test_counts_match_the_model(torch_backend, size, depth, backward):
     [
         (["bench", "--device", "cuda:0"], "CUDA is not available"),
         (["bench", "--device", "mps"], "fastunet runs on 'cpu' or 'cuda'"),
+        (["info", "--device", "cuda"], "CUDA is not available"),
+        (["bench", "--only", "ops", "--case", "N1-256-bf16"], "which --only ops leaves out"),
+        (["bench", "--output", "no/such/folder/out.json"], "the folder no/such/folder does not"),
+        (["bench", "--markdown", "no/such/folder/out.md"], "the folder no/such/folder does not"),
+        (["bench", "--output", "."], "--output . is a directory"),
+        (["parity", "--size", "64", "--depth", "14"], "--size must be >= 2**depth = 16384"),
+        (["tune", "--size", "64", "--depth", "14"], "--size must be >= 2**depth = 16384"),
     ],
 )
 def test_bench_argument_errors(argv, message, capsys, monkeypatch):
+    """Clear errors before any timing or model building (a depth-14 model filled the memory
+    before its size was checked; a missing output folder failed after the whole run)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(argv) == 2
     assert message in capsys.readouterr().err
@@ -132,8 +141,9 @@ def test_plot_without_matplotlib_is_a_clear_error(capsys, monkeypatch):
 
 @pytest.mark.parametrize(
     "argv",
-    [["bench", "--only", "everything"], ["bench", "--bogus"], ["bench", "--model-seconds", "0"]],
-)
+    [["bench", "--only", "everything"], ["bench", "--bogus"], ["bench", "--model-seconds", "0"],
+     ["bench", "--model-seconds", "inf"]],
+)  # fmt: skip
 def test_bench_usage_errors_exit_2(argv):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -148,6 +158,25 @@ def test_bench_without_a_gpu_runs_the_quick_suite(torch_backend, tmp_path, capsy
     assert "no CUDA device, so the --quick suite" in capsys.readouterr().err
     meta = json.loads(output.read_text())["meta"]
     assert meta["quick"] is True and meta["model_rep_ms"] == 100
+    assert meta["complete"] is True  # a checkpoint of a run cut short says False
+
+
+def test_a_checkpoint_that_fails_keeps_the_last_one(tmp_path, monkeypatch):
+    """The JSON is replaced whole: a write that fails (a full disk) left a truncated file."""
+    from fastunet.cli import write_atomically
+
+    output = tmp_path / "result.json"
+    write_atomically(str(output), '{"rows": 1}')
+
+    def full_disk(self, text):
+        Path.write_bytes(self, text[:5].encode())
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_atomically(str(output), '{"rows": 2}')
+    assert json.loads(output.read_text()) == {"rows": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temporary left
 
 
 def test_cpu_timing_takes_turns_and_gives_each_step_its_median(monkeypatch):
@@ -169,6 +198,23 @@ def test_cpu_timing_takes_turns_and_gives_each_step_its_median(monkeypatch):
     rounds = [("a", 0), ("b", 0)], [("b", 1), ("a", 1)]
     assert calls[4:] == [*rounds[0], *rounds[1], *rounds[0], *rounds[1], *rounds[0]]
     assert times == pytest.approx({"a": 1.0, "b": 3.0})  # a: 1, 2, 1, 2, 1 ms
+
+
+def test_cpu_timing_takes_the_time_asked_for(monkeypatch):
+    """Steps of 1 ms asked to be timed 1 s each take about 1000 calls each: the rounds were
+    capped at 200, so `fastunet bench --model-seconds 10` timed a 9 ms step for 1.8 s."""
+    clock, calls = [0.0], {"a": 0, "b": 0}
+
+    def step(name):
+        def run(i):
+            calls[name] += 1
+            clock[0] += 1e-3
+
+        return run
+
+    monkeypatch.setattr(_timing.time, "perf_counter", lambda: clock[0])
+    _timing.compare_ms({"a": step("a"), "b": step("b")}, 1, torch.device("cpu"), rep_ms=1000)
+    assert calls["a"] == calls["b"] == pytest.approx(1000, abs=2)
 
 
 @pytest.fixture

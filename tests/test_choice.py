@@ -285,8 +285,9 @@ def _current(entry: dict) -> str:
         '{"stamp": {}, "choices": {"k": {"path": "cudnn"}}}',
         _current({"path": "torch", "reason": "r", "note": "a hand edit"}),
         _current({"path": "torch", "reason": "r", "times_ms": [1.0]}),
+        "[" * 100_000,  # json's decoder recurses: RecursionError, not a ValueError
     ],
-    ids=["not-json", "list", "unknown-path", "unknown-field", "times-not-a-dict"],
+    ids=["not-json", "list", "unknown-path", "unknown-field", "times-not-a-dict", "deep"],
 )
 def test_a_corrupt_cache_is_ignored_with_a_warning(cache, measured, content):
     x = torch.empty(0)
@@ -830,3 +831,71 @@ def test_tune_on_the_cpu_measures_the_layout_and_says_where_it_keeps_it(
     assert layout_times.calls == 2  # inference and the training step
     assert "22 layer shapes: 0 fastunet, 22 torch" in out
     assert str(_choice.cache_file(torch.device("cpu"))) in out
+
+
+def test_tune_fails_when_it_cannot_save_what_it_measured(tmp_path, measured, monkeypatch, capsys):
+    """Saving is tune's job: it said the choices were kept, and exited 0, with none saved."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("FASTUNET_CACHE_DIR", str(blocker / "cache"))  # under a file: no mkdir
+    new_process(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="cannot save"):
+        assert main(TUNE) == 2
+    assert "the choices were made but could not be saved" in capsys.readouterr().err
+
+
+def test_a_cache_file_reached_through_a_link_stays_a_link(cache, measured):
+    """A cache shared through a symbolic link: each save replaced the link with a file."""
+    shared = cache / "shared.json"
+    link = _choice.cache_file(torch.device("cpu"))
+    link.symlink_to(shared)  # dangling until the first save
+    layer, x = conv_layer()
+    run_conv(layer, x, Spy(lambda *a: None))
+    assert link.is_symlink()
+    assert len(json.loads(shared.read_text())["choices"]) == 1
+
+
+def test_a_key_another_process_saved_first_takes_its_choice(cache, measured, monkeypatch):
+    """Processes started together measure a new key each: each kept its own, so they ran
+    different paths (different bits) for the same layer, and the file kept the last writer's."""
+    layer, x = conv_layer()
+    assert _choice.cache_for(x.device).entries == {}  # read before the other process saved
+    other = _choice.ChoiceCache(_choice.cache_file(x.device))
+    key = _choice.layer_key("conv2d_relu", (x, layer.weight, layer.bias, 1, True))
+    first = _choice.Choice("torch", "measured by the other process")
+    assert other.put(key, first) == first
+    measured.times = {"fastunet": 1.0, "torch": 2.0}  # this process measures the other way
+    spy = Spy(lambda *a: None)
+    run_conv(layer, x, spy)
+    assert spy.calls == 0 and measured.calls == 1
+    saved = json.loads(_choice.cache_file(x.device).read_text())["choices"]
+    assert saved[key]["reason"] == "measured by the other process"
+
+
+SAVE_IN_A_PROCESS = """
+import sys, torch
+from fastunet.ops import _choice
+cache = _choice.cache_for(torch.device("cpu"))
+cache.entries
+sys.stdin.readline()  # all start saving together
+for i in range(100):
+    cache.put(f"{sys.argv[1]}-{i}", _choice.Choice("torch", "measured"))
+"""
+
+
+def test_processes_saving_at_once_keep_every_choice(cache):
+    """Each save reads, merges and replaces the file: unlocked, 4 processes saving 200 choices
+    each lost 19 to 46 of them."""
+    import subprocess
+    import sys
+
+    workers = [
+        subprocess.Popen([sys.executable, "-c", SAVE_IN_A_PROCESS, str(w)], stdin=subprocess.PIPE)
+        for w in range(4)
+    ]
+    for worker in workers:
+        worker.stdin.write(b"go\n")
+        worker.stdin.flush()
+    assert [worker.wait(timeout=120) for worker in workers] == [0] * 4
+    saved = json.loads(_choice.cache_file(torch.device("cpu")).read_text())["choices"]
+    assert len(saved) == 400

@@ -478,6 +478,7 @@ def run(
     result = {
         "meta": {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "complete": False,  # until every row is in: a checkpoint of a run cut short says so
             "quick": quick,
             "model_rep_ms": model_rep_ms,
             "device": environment["device"],
@@ -507,4 +508,6 @@ def run(
     for case in cases:
         result["model"] += run_model_case(case, device, ceiling, quick, progress, model_rep_ms)
         checkpoint(result)
+    result["meta"]["complete"] = True
+    checkpoint(result)
     return result

@@ -52,6 +52,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+try:
+    import fcntl
+except ImportError:  # Windows: saves are not locked across processes
+    fcntl = None
+
 from fastunet._version import __version__
 from fastunet.kernels import INTERPRET
 from fastunet.ops._backend import choose, forced_backend, native_extension, package_version
@@ -182,7 +187,7 @@ class ChoiceCache:
     def __init__(self, path: Path):
         self.path = path
         self._entries: dict[str, dict] | None = None
-        self._save_failed = False
+        self.save_failed = False  # a choice could not be written (fastunet tune says so)
         # Threads of one process share this cache and its temporary file: one writes at a time.
         self._lock = threading.Lock()
 
@@ -197,7 +202,7 @@ class ChoiceCache:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, RecursionError) as error:  # deep nesting: RecursionError
             if warn:
                 _warn(f"cannot read the choice cache {self.path} ({error}); {IGNORED}")
             return {}
@@ -218,21 +223,46 @@ class ChoiceCache:
         entry = self.entries.get(key)
         return Choice(**entry) if entry is not None and entry["path"] in paths else None
 
-    def put(self, key: str, choice: Choice) -> None:
+    def put(self, key: str, choice: Choice) -> Choice:
+        """Save choice for key, and return it; or the choice another process saved for key
+        first (processes started together then take the same paths, so give the same bits)."""
         with self._lock:
-            self.entries[key] = asdict(choice)
-            merged = {**self._read(warn=False), **self.entries}
-            temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            # Through a symbolic link to the file it names (a cache shared that way stays so).
+            target = self.path.resolve()
+            temporary = target.with_name(f"{target.name}.{os.getpid()}.tmp")
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                temporary.write_text(json.dumps({"stamp": stamp(), "choices": merged}, indent=1))
-                os.replace(temporary, self.path)  # atomic: a reader never sees half a file
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with _one_process_at_a_time(target):  # else one's merge loses another's save
+                    saved = self._read(warn=False)
+                    if key in saved:
+                        choice = Choice(**saved[key])
+                    self.entries[key] = asdict(choice)
+                    merged = {**saved, **self.entries}
+                    text = json.dumps({"stamp": stamp(), "choices": merged}, indent=1)
+                    temporary.write_text(text)
+                    os.replace(temporary, target)  # atomic: a reader never sees half a file
             except OSError as error:
-                if not self._save_failed:
+                self.entries[key] = asdict(choice)
+                if not self.save_failed:
                     _warn(
                         f"cannot save the choice cache {self.path} ({error}); keeping it in memory"
                     )
-                self._save_failed = True
+                self.save_failed = True
+        return choice
+
+
+@contextlib.contextmanager
+def _one_process_at_a_time(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path`.lock, where the OS has flock (not Windows)."""
+    if fcntl is None:
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _is_choice(entry) -> bool:
@@ -280,7 +310,7 @@ _recording: list[tuple[str, Choice]] | None = None
 _by_rule = contextvars.ContextVar("fastunet_pytorch_by_rule", default=False)
 
 
-def _cache_for(device: torch.device) -> ChoiceCache:
+def cache_for(device: torch.device) -> ChoiceCache:
     path = cache_file(device)
     if path not in _caches:
         _caches[path] = ChoiceCache(path)
@@ -462,7 +492,7 @@ def _saved_or_measured(key: str, device: torch.device, paths, timings) -> Choice
     """The choice saved for key, else the fastest of `timings()` (name -> ms, or None where the
     caller would see the runs), saved now; None where nothing can be timed. Ties go to the later
     name: PyTorch's own path for a layer."""
-    cache = _cache_for(device)
+    cache = cache_for(device)
     choice = cache.get(key, paths)
     if choice is None and not _cannot_time(device):
         with _unseen():
@@ -471,8 +501,7 @@ def _saved_or_measured(key: str, device: torch.device, paths, timings) -> Choice
             return None
         path = min(reversed(times), key=times.get)
         reason = "measured: " + ", ".join(f"{name} {t:.4g} ms" for name, t in times.items())
-        choice = Choice(path, reason, times)
-        cache.put(key, choice)
+        choice = cache.put(key, Choice(path, reason, times))
     return choice
 
 
@@ -604,5 +633,5 @@ def describe(device: torch.device) -> dict:
         "rule": None if rule is None else f"{rule.path}: {rule.reason}",
         "unet_layout": layout,
         "cache_file": str(path),
-        "cached": len(_cache_for(device).entries),
+        "cached": len(cache_for(device).entries),
     }
