@@ -649,10 +649,18 @@ def test_the_layout_is_measured_once_per_shape_and_pass_whatever_the_input_layou
     assert layout_times.calls == 4
     (key, choice), *_ = calls
     assert key.startswith("cpu|unet-layout|forward+backward|float32|2x3x16x12|in_channels=3|")
-    assert key.endswith("|weights=contiguous_format") and choice.path == "channels_last"
+    threads = torch.get_num_threads()
+    assert key.endswith(f"|weights=contiguous_format|threads={threads}")
+    assert choice.path == "channels_last"
     # channels_last weights make oneDNN compute channels_last in either layout: another key.
     fast.to(memory_format=torch.channels_last)(x)
     assert layout_times.calls == 5
+    torch.set_num_threads(threads + 1)  # another thread count: another key (it was reused)
+    try:
+        fast(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert layout_times.calls == 6
 
 
 def test_a_new_process_reads_the_layout_and_gets_the_same_bits(

@@ -536,9 +536,9 @@ def choose_layout(
 ) -> torch.memory_format:
     """The memory format in which `run`, a whole model (`module`) whose layers all run PyTorch's
     path by the CPU rule, computes best on x: timed in both on the first call of a (model,
-    config, device, pass, dtype, autocast, input shape) and kept, in this process and in the
-    cache file. Not timed, but x's, where the timing runs would be seen: see `_cannot_time`, and
-    hooks on the module (they would fire for each run).
+    config, device, pass, dtype, autocast, input shape, CPU threads) and kept, in this process
+    and in the cache file. Not timed, but x's, where the timing runs would be seen: see
+    `_cannot_time`, and hooks on the module (they would fire for each run).
 
     Why measured: oneDNN's convolutions are faster in channels_last for some shapes and passes,
     and in NCHW for others (on a 2-core x86 CPU, a UNet's inference ran 1.2-1.4x faster in
@@ -551,7 +551,8 @@ def choose_layout(
     training = torch.is_grad_enabled() and (
         x.requires_grad or any(p.requires_grad for p in module.parameters())
     )
-    settings = tuple(config.items())
+    # oneDNN's best layout changes with the threads it has (OMP_NUM_THREADS, set_num_threads).
+    settings = (*config.items(), ("threads", torch.get_num_threads()))
     memo = ("layout", model, x.device, training, _autocast_dtype(x.device), x.dtype, x.shape,
             settings)  # fmt: skip
     choice = _decided.get(memo)
