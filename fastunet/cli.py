@@ -134,19 +134,9 @@ def _check_writable(option: str, path: str | None) -> None:
         raise ValueError(f"{option} {path}: the folder {folder} is not writable")
 
 
-def write_atomically(path: str, text: str) -> None:
-    """path holds the old text or the new, never a part: a failed write (a full disk) keeps
-    what the last checkpoint wrote."""
-    temporary = Path(f"{path}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def _bench(args: argparse.Namespace) -> int:
     from fastunet.bench import report, suite
+    from fastunet.ops._common import write_atomically
 
     if args.plot:
         try:
@@ -170,7 +160,7 @@ def _bench(args: argparse.Namespace) -> int:
     )
 
     def checkpoint(result: dict) -> None:  # a run cut short still leaves what it measured
-        write_atomically(args.output, json.dumps(result, indent=2))
+        write_atomically(Path(args.output), json.dumps(result, indent=2))
 
     try:
         result = suite.run(
@@ -179,7 +169,7 @@ def _bench(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     if args.markdown:
-        write_atomically(args.markdown, report.markdown_report(result))
+        write_atomically(Path(args.markdown), report.markdown_report(result))
     if args.plot:
         report.plot(result, args.plot)
     print(report.text_report(result))

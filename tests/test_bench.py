@@ -163,10 +163,10 @@ def test_bench_without_a_gpu_runs_the_quick_suite(torch_backend, tmp_path, capsy
 
 def test_a_checkpoint_that_fails_keeps_the_last_one(tmp_path, monkeypatch):
     """The JSON is replaced whole: a write that fails (a full disk) left a truncated file."""
-    from fastunet.cli import write_atomically
+    from fastunet.ops._common import write_atomically
 
     output = tmp_path / "result.json"
-    write_atomically(str(output), '{"rows": 1}')
+    write_atomically(output, '{"rows": 1}')
 
     def full_disk(self, text):
         Path.write_bytes(self, text[:5].encode())
@@ -174,7 +174,7 @@ def test_a_checkpoint_that_fails_keeps_the_last_one(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "write_text", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        write_atomically(str(output), '{"rows": 2}')
+        write_atomically(output, '{"rows": 2}')
     assert json.loads(output.read_text()) == {"rows": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temporary left
 

@@ -203,12 +203,10 @@ class FusedConv2d(NotScriptable, nn.Conv2d):
             "conv2d_relu", ops.conv2d_relu, x, weight, bias, self.padding[0],
             negative_slope is not None, negative_slope or 0.0,
         )  # fmt: skip
-        # The original's last step that makes a new tensor: a new-tensor activation, or a
-        # BatchNorm2d's on the CPU (cuDNN's keeps the convolution's strides).
-        makes_a_tensor = (negative_slope is not None and not activation_in_place) or (
-            batch_norm is not None and not x.is_cuda
+        layout = chain_layout(
+            x, weight, out, batch_norm is not None, negative_slope is not None, activation_in_place
         )
-        return in_memory_format(out, chain_layout(x, weight, out, makes_a_tensor))
+        return in_memory_format(out, layout)
 
 
 # fastunet's ops return channels_last; a replaced layer hands on the layout that the PyTorch layer
@@ -216,7 +214,12 @@ class FusedConv2d(NotScriptable, nn.Conv2d):
 
 
 def chain_layout(
-    x: Tensor, weight: Tensor, out: Tensor, makes_a_tensor: bool
+    x: Tensor,
+    weight: Tensor,
+    out: Tensor,
+    batch_norm: bool,
+    activation: bool,
+    activation_in_place: bool,
 ) -> torch.memory_format:
     """The layout of the original's output for a replaced chain's output `out`: the
     convolution's (`conv_layout`), with that layout's own strides. Where both layouts fit `out`
@@ -225,7 +228,8 @@ def chain_layout(
     place (as every elementwise op does there, on any device), and a BatchNorm2d on the CPU.
     (On CUDA, cuDNN's BatchNorm keeps its input's strides; PyTorch's own, for bf16, is not
     covered.)"""
-    if makes_a_tensor and out.is_contiguous():
+    makes_a_tensor = (activation and not activation_in_place) or (batch_norm and not x.is_cuda)
+    if makes_a_tensor and out.is_contiguous():  # the op's output is channels_last: both fit
         return torch.contiguous_format
     return conv_layout(x, weight)
 

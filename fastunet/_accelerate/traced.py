@@ -740,43 +740,34 @@ RELU_FUNCTIONS = (F.relu, torch.relu, F.relu_, torch.relu_)
 LEAKY_RELU_FUNCTIONS = (F.leaky_relu, F.leaky_relu_)
 
 
-def _activation_slope(node: fx.Node, root: nn.Module, x: fx.Node) -> float | None:
-    """The negative slope (0.0 for ReLU) of an activation node applied to x alone, else None."""
+def _activation(node: fx.Node, root: nn.Module, x: fx.Node) -> tuple[float, bool] | None:
+    """(negative slope, 0.0 for ReLU; whether it changes x in place) of an activation node
+    applied to x alone, else None."""
     if node.op == "call_module":
         layer = root.get_submodule(node.target)
         if has_hooks(layer) or node.args != (x,) or node.kwargs:
             return None
         if type(layer) is nn.ReLU:
-            return 0.0
+            return 0.0, layer.inplace
         if type(layer) is nn.LeakyReLU and layer.negative_slope >= 0:
-            return float(layer.negative_slope)
+            return float(layer.negative_slope), layer.inplace
         return None
     if node.op == "call_method" and node.target in ("relu", "relu_"):
-        return 0.0 if node.args == (x,) and not node.kwargs else None
+        return (0.0, node.target == "relu_") if node.args == (x,) and not node.kwargs else None
     if node.op != "call_function" or not node.args or node.args[0] is not x:
         return None
+    in_place_function = node.target in (F.relu_, torch.relu_, F.leaky_relu_)
     if node.target in RELU_FUNCTIONS:
-        return 0.0 if _arguments(node, ("input", "inplace"), {"inplace": False}) else None
+        args = _arguments(node, ("input", "inplace"), {"inplace": False})
+        return None if args is None else (0.0, in_place_function or bool(args["inplace"]))
     if node.target in LEAKY_RELU_FUNCTIONS:
         args = _arguments(
             node, ("input", "negative_slope", "inplace"), {"negative_slope": 0.01, "inplace": False}
         )
         slope = None if args is None else args["negative_slope"]
-        return float(slope) if isinstance(slope, int | float) and slope >= 0 else None
+        if isinstance(slope, int | float) and slope >= 0:
+            return float(slope), in_place_function or bool(args["inplace"])
     return None
-
-
-def _in_place(node: fx.Node, root: nn.Module) -> bool:
-    """Whether an activation node (one `_activation_slope` took) changes its input in place."""
-    if node.op == "call_module":
-        return root.get_submodule(node.target).inplace
-    if node.op == "call_method":
-        return node.target == "relu_"
-    if node.target in (F.relu_, torch.relu_, F.leaky_relu_):
-        return True
-    names = ("input", "inplace") if node.target in RELU_FUNCTIONS else (
-        "input", "negative_slope", "inplace")  # fmt: skip
-    return bool(_arguments(node, names, {"negative_slope": 0.01, "inplace": False})["inplace"])
 
 
 def _rewrite_conv_chain(graph: fx.Graph, conv: fx.Node, root: nn.Module, rows: list) -> None:
@@ -784,7 +775,7 @@ def _rewrite_conv_chain(graph: fx.Graph, conv: fx.Node, root: nn.Module, rows: l
     forward (a Sequential's chains are fused by the module swaps)."""
     if len(conv.args) != 1 or conv.kwargs:
         return
-    last, batch_norm, slope = conv, None, None
+    last, batch_norm, (slope, in_place) = conv, None, (None, False)
     user = _single_user(last)
     if user is not None and user.op == "call_module":
         layer = root.get_submodule(user.target)
@@ -796,10 +787,9 @@ def _rewrite_conv_chain(graph: fx.Graph, conv: fx.Node, root: nn.Module, rows: l
         ):
             last, batch_norm = user, user
             user = _single_user(last)
-    if user is not None:
-        slope = _activation_slope(user, root, last)
-        if slope is not None:
-            last = user
+    activation = None if user is None else _activation(user, root, last)
+    if activation is not None:
+        last, (slope, in_place) = user, activation
     if last is conv:
         return
     steps = ["conv2d", *(["batch_norm2d"] if batch_norm is not None else [])]
@@ -819,7 +809,7 @@ def _rewrite_conv_chain(graph: fx.Graph, conv: fx.Node, root: nn.Module, rows: l
             graph.get_attr(conv.target),
             None if batch_norm is None else graph.get_attr(batch_norm.target),
             slope,
-            slope is not None and _in_place(last, root),
+            in_place,
         ))  # fmt: skip
     fused.meta[META] = last.meta[META]
     last.replace_all_uses_with(fused)

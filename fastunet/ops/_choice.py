@@ -66,6 +66,7 @@ from fastunet.ops._common import (
     in_memory_format,
     memory_format_of,
     watched,
+    write_atomically,
 )
 from fastunet.ops._timing import compare_ms
 
@@ -229,7 +230,6 @@ class ChoiceCache:
         with self._lock:
             # Through a symbolic link to the file it names (a cache shared that way stays so).
             target = self.path.resolve()
-            temporary = target.with_name(f"{target.name}.{os.getpid()}.tmp")
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with _one_process_at_a_time(target):  # else one's merge loses another's save
@@ -238,9 +238,9 @@ class ChoiceCache:
                         choice = Choice(**saved[key])
                     self.entries[key] = asdict(choice)
                     merged = {**saved, **self.entries}
-                    text = json.dumps({"stamp": stamp(), "choices": merged}, indent=1)
-                    temporary.write_text(text)
-                    os.replace(temporary, target)  # atomic: a reader never sees half a file
+                    write_atomically(
+                        target, json.dumps({"stamp": stamp(), "choices": merged}, indent=1)
+                    )
             except OSError as error:
                 self.entries[key] = asdict(choice)
                 if not self.save_failed:

@@ -1,9 +1,12 @@
-"""Input checks, layout helpers and autocast rules shared by the ops."""
+"""Input checks, layout helpers, autocast rules and file writing shared by the ops and the
+command line."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.autograd import forward_ad
@@ -122,6 +125,18 @@ def in_memory_format(x: torch.Tensor, layout: torch.memory_format) -> torch.Tens
     c, h, w = x.shape[1:]
     dense = (c * h * w, 1, w * c, c) if layout == CHANNELS_LAST else (c * h * w, h * w, w, 1)
     return x if x.stride() == dense else x.as_strided(x.shape, dense)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """path holds the old text or the new, never a part: a reader never sees half a file, and
+    a failed write (a full disk) keeps the old one. The temporary file is named by the process,
+    so processes do not share it; threads of one process must write one at a time."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def empty_channels_last(
