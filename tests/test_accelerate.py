@@ -892,6 +892,41 @@ def test_a_leaky_relu_conv_before_an_in_place_change_is_left(through_a_view, tor
     assert row.pattern == "conv2d + leaky_relu(0.1)" and "changes in place after it" in row.why
 
 
+class _LeakyBlockResidual(nn.Module):
+    """A Sequential conv [+ BatchNorm2d] + LeakyReLU whose output its caller changes in place."""
+
+    def __init__(self, batch_norm: bool):
+        super().__init__()
+        norm = [nn.BatchNorm2d(3)] if batch_norm else []
+        self.block = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), *norm, nn.LeakyReLU(0.1))
+
+    def forward(self, x):
+        out = self.block(x)
+        out += x
+        return out
+
+
+@pytest.mark.parametrize("batch_norm", [False, True], ids=["conv", "conv-bn"])
+def test_a_sequential_leaky_relu_output_may_change_in_place(batch_norm, backend):
+    """PyTorch's LeakyReLU (not in place) saves its input, so its caller may change its output in
+    place (`out += identity`) and still train; the fused op saves its output. Where autograd
+    records, the LeakyReLU runs after the op; without autograd it stays in the op."""
+    torch.manual_seed(0)
+    original = _LeakyBlockResidual(batch_norm).eval()  # eval: the BatchNorm2d folds
+    fast = fastunet.accelerate(original)
+    x = torch.randn(2, 3, 8, 8, device=backend_device(backend))
+    original, fast = original.to(x.device), fast.to(x.device)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        counts = compare(original, fast, x.to(memory_format=memory_format))
+        assert counts[CONV] == 1 and counts["aten::leaky_relu"] == 1
+    counter = OpCounter()
+    with torch.no_grad():
+        with counter:
+            ours = fast(x)
+        assert_close("output", ours, original(x), original.double()(x.double()), 1e-7)
+    assert counter.counts[CONV] == 1 and counter.counts["aten::leaky_relu"] == 0
+
+
 class _InPlaceBetween(nn.Module):
     """An in-place change, between a pattern's parts, of what its first part read: the fused op
     runs where the pattern's last part was."""

@@ -140,6 +140,16 @@ class Chain:
             for m in self.noops
         )
 
+    def activation_apart(self, x: Tensor) -> bool:
+        """Whether the LeakyReLU (not in place) runs on its own, after the op: where autograd
+        records the call. PyTorch's saves its input, the op its output, so a caller that changes
+        the output in place (`out += identity`) would make the backward raise."""
+        if not self.negative_slope or self.activation_in_place or not torch.is_grad_enabled():
+            return False
+        return x.requires_grad or any(
+            p.requires_grad for layer in self.layers for p in layer.parameters(recurse=False)
+        )
+
     def describe(self) -> str:
         steps = ["conv2d"]
         if self.batch_norm is not None:
@@ -296,9 +306,13 @@ class ChainForward(ForwardStandIn):
             span = 0 if chain is None else len(chain.layers)
             # Its layers in the order they were found (modules compare by identity), folding now.
             if chain and tuple(layers[i : i + span]) == chain.layers and chain.folds_now():
-                input = layers[i].run(
-                    input, chain.batch_norm, chain.negative_slope, chain.activation_in_place
-                )
+                if chain.activation_apart(input):
+                    input = layers[i].run(input, chain.batch_norm, None)
+                    input = F.leaky_relu(input, chain.negative_slope)
+                else:
+                    input = layers[i].run(
+                        input, chain.batch_norm, chain.negative_slope, chain.activation_in_place
+                    )
                 i += span
             else:
                 input = layers[i](input)
