@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 
 import torch
 
@@ -24,20 +23,11 @@ def _native_extension() -> dict:
 
 
 def cpu_name() -> str:
-    """The CPU's model name, its core count and the instruction sets that set its bf16 speed
-    (Linux's /proc/cpuinfo; elsewhere the platform's name): CPU timings from two machines of one
-    architecture can differ several times over."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    fields = dict(line.split(":", 1) for line in lines if ":" in line)
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
-    name = fields.get("model name") or platform.processor() or platform.machine()
-    bf16 = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in fields.get("flags", "").split()]
-    # The CPUs this process may run on (hyperthreads count), not the machine's.
+    """The CPU's model (`cpu_model`) and the cores this process may run on (hyperthreads count),
+    not the machine's."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{name}, {cores or '?'} cores" + "".join(f", {flag}" for flag in bf16)
+    name, flags = _choice.cpu_model()
+    return ", ".join([name, f"{cores or '?'} cores", *flags])
 
 
 def info(device: torch.device | str | None = None) -> dict:

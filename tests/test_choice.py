@@ -157,8 +157,10 @@ def test_keys_name_device_op_pass_dtype_autocast_shapes_and_layout():
     w = torch.randn(4, 3, 3, 3, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         key = _choice.layer_key("conv2d_relu", (x, w, None, 1, True))
+    cpu = _choice.device_name(x.device)  # the CPU's model
     assert key == (
-        "cpu|conv2d_relu|forward+backward|float32-autocast-bfloat16|2x3x8x8-nhwc|4x3x3x3|None|1|True"
+        f"{cpu}|conv2d_relu|forward+backward|float32-autocast-bfloat16|2x3x8x8-nhwc|4x3x3x3|None|1|"
+        "True"
     )
 
 
@@ -648,7 +650,8 @@ def test_the_layout_is_measured_once_per_shape_and_pass_whatever_the_input_layou
         fast(x)
     assert layout_times.calls == 4
     (key, choice), *_ = calls
-    assert key.startswith("cpu|unet-layout|forward+backward|float32|2x3x16x12|in_channels=3|")
+    cpu = _choice.device_name(x.device)
+    assert key.startswith(f"{cpu}|unet-layout|forward+backward|float32|2x3x16x12|in_channels=3|")
     threads = torch.get_num_threads()
     assert key.endswith(f"|weights=contiguous_format|threads={threads}")
     assert choice.path == "channels_last"
@@ -661,6 +664,23 @@ def test_the_layout_is_measured_once_per_shape_and_pass_whatever_the_input_layou
     finally:
         torch.set_num_threads(threads)
     assert layout_times.calls == 6
+
+
+def test_another_cpu_model_measures_again_in_a_file_of_its_own(
+    cache, cpu_rule, layout_times, monkeypatch
+):
+    """Machines with other CPUs sharing a home directory (a cluster's) do not take each other's
+    choices: the file and the key name the CPU's model."""
+    fast = UNet(3, 2, 4, 2)
+    x = torch.randn(2, 3, 16, 12)
+    fast(x)
+    new_process(monkeypatch)
+    monkeypatch.setattr(_choice, "cpu_model", lambda: ("Other CPU 9000", ("amx_bf16",)))
+    monkeypatch.setattr(_choice, "device_name", _choice.device_name.__wrapped__)  # not cached
+    fast(x)
+    assert layout_times.calls == 2
+    assert "choices-other-cpu-9000-amx-bf16.json" in {path.name for path in cache.iterdir()}
+    assert len(list(cache.glob("choices-*.json"))) == 2
 
 
 def test_a_new_process_reads_the_layout_and_gets_the_same_bits(

@@ -41,6 +41,7 @@ import functools
 import hashlib
 import json
 import os
+import platform
 import re
 import threading
 import warnings
@@ -290,8 +291,29 @@ def _warn(message: str) -> None:
 
 
 @functools.cache
+def cpu_model() -> tuple[str, tuple[str, ...]]:
+    """The CPU's model name and the instruction sets that set its bf16 speed (Linux's
+    /proc/cpuinfo; elsewhere the platform's name): CPU timings from two machines of one
+    architecture can differ several times over."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    name = fields.get("model name") or platform.processor() or platform.machine() or "cpu"
+    flags = fields.get("flags", "").split()
+    return name, tuple(flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags)
+
+
+@functools.cache
 def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    """What a measured choice was measured on: the GPU's name, or the CPU's model (a home
+    directory shared by machines with other CPUs keeps a file for each)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name, flags = cpu_model()
+    return ", ".join([name, *flags])
 
 
 def cache_file(device: torch.device) -> Path:
