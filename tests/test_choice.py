@@ -72,6 +72,23 @@ def no_measuring(monkeypatch):
     monkeypatch.setattr(_choice, "measure", fail)
 
 
+def cache_text(choices: dict, stamp: dict | None = None) -> str:
+    """A cache file's text: the stamp, then a line per choice."""
+    lines = [json.dumps({"stamp": stamp or _choice.stamp()})]
+    lines += [json.dumps({"key": key, "choice": entry}) for key, entry in choices.items()]
+    return "\n".join(lines) + "\n"
+
+
+def read_cache(path) -> tuple[dict, dict]:
+    """(stamp, choices) of a cache file; the first line of a key counts."""
+    header, *lines = path.read_text().splitlines()
+    choices = {}
+    for line in lines:
+        record = json.loads(line)
+        choices.setdefault(record["key"], record["choice"])
+    return json.loads(header)["stamp"], choices
+
+
 class Spy:
     """Wraps an op and counts its calls."""
 
@@ -145,7 +162,7 @@ def test_out_of_memory_while_timing_runs_pytorch_and_is_not_saved(cache, measure
         out = run_conv(layer, x, spy)
     assert spy.calls == 0 and measured.calls == 1
     torch.testing.assert_close(out, F.relu(F.conv2d(x, layer.weight, layer.bias, padding=1)))
-    assert not list(cache.glob("choices-*.json"))
+    assert not list(cache.glob("choices-*.jsonl"))
     new_process(monkeypatch)
     monkeypatch.setattr(_choice, "measure", measured)
     run_conv(layer, x, spy)
@@ -194,8 +211,8 @@ def test_a_new_process_reads_the_choice_and_gets_the_same_bits(cache, measured, 
     measured.times = {"fastunet": 2.0, "torch": 1.0}
     layer, x = conv_layer()
     first = run_conv(layer, x, Spy(ops.conv2d_relu))
-    (saved,) = cache.glob("choices-*.json")
-    assert json.loads(saved.read_text())["stamp"] == _choice.stamp()
+    (saved,) = cache.glob("choices-*.jsonl")
+    assert read_cache(saved)[0] == _choice.stamp()
     new_process(monkeypatch)
     no_measuring(monkeypatch)
     spy = Spy(ops.conv2d_relu)
@@ -254,8 +271,8 @@ def test_a_stale_cache_is_ignored_with_a_warning(cache, measured, monkeypatch):
     with pytest.warns(RuntimeWarning, match=r"made by torch .* \(now 9.9\); its choices are ig"):
         run_conv(layer, x, Spy(lambda *a: None))
     assert measured.calls == 2
-    (saved,) = cache.glob("choices-*.json")
-    assert json.loads(saved.read_text())["stamp"]["torch"] == "9.9"
+    (saved,) = cache.glob("choices-*.jsonl")
+    assert read_cache(saved)[0]["torch"] == "9.9"
 
 
 def test_the_stamp_changes_with_a_rebuilt_extension(tmp_path, monkeypatch):
@@ -274,32 +291,82 @@ def test_the_stamp_changes_with_a_rebuilt_extension(tmp_path, monkeypatch):
     assert stamp()["kernels"] not in (built["kernels"], resized["kernels"])
 
 
-def _current(entry: dict) -> str:
-    """A cache file of this version holding one entry."""
-    return json.dumps({"stamp": _choice.stamp(), "choices": {"k": entry}})
-
-
 @pytest.mark.parametrize(
     "content",
-    [
-        "{not json",
-        "[]",
-        '{"stamp": {}, "choices": {"k": {"path": "cudnn"}}}',
-        _current({"path": "torch", "reason": "r", "note": "a hand edit"}),
-        _current({"path": "torch", "reason": "r", "times_ms": [1.0]}),
-        "[" * 100_000,  # json's decoder recurses: RecursionError, not a ValueError
-    ],
-    ids=["not-json", "list", "unknown-path", "unknown-field", "times-not-a-dict", "deep"],
+    ["", "{not json\n", "[]\n", "[" * 100_000],  # json recurses: RecursionError, not ValueError
+    ids=["empty", "not-json", "list", "deep"],
 )
-def test_a_corrupt_cache_is_ignored_with_a_warning(cache, measured, content):
+def test_a_cache_file_without_a_stamp_is_ignored_with_a_warning(cache, measured, content):
     x = torch.empty(0)
     _choice.cache_file(x.device).write_text(content)
     layer, x = conv_layer()
     with pytest.warns(RuntimeWarning, match="choice cache .*; its choices are ignored"):
         run_conv(layer, x, Spy(lambda *a: None))
     assert measured.calls == 1
-    saved = json.loads(_choice.cache_file(x.device).read_text())
-    assert next(iter(saved["choices"].values()))["path"] == "fastunet"
+    stamp, choices = read_cache(_choice.cache_file(x.device))  # written again
+    assert stamp == _choice.stamp() and next(iter(choices.values()))["path"] == "fastunet"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "{not json",
+        json.dumps({"key": "k", "choice": {"path": "cudnn", "reason": "r"}}),
+        json.dumps({"key": "k", "choice": {"path": "torch", "reason": "r", "note": "an edit"}}),
+        json.dumps({"key": "k", "choice": {"path": "torch", "reason": "r", "times_ms": [1.0]}}),
+        json.dumps({"key": 1, "choice": {"path": "torch", "reason": "r"}}),
+        "[" * 100_000,
+    ],
+    ids=["not-json", "unknown-path", "unknown-field", "times-not-a-dict", "key-not-text", "deep"],
+)
+def test_lines_that_are_not_choices_are_ignored_with_a_warning(cache, measured, line):
+    """The file's other choices are taken, and the next save writes it again without them."""
+    layer, x = conv_layer()
+    key = _choice.layer_key("conv2d_relu", (x, layer.weight, layer.bias, 1, True))
+    saved = {key: {"path": "torch", "reason": "saved", "times_ms": None}}
+    path = _choice.cache_file(x.device)
+    path.write_text(cache_text(saved).replace("\n", f"\n{line}\n", 1))
+    with pytest.warns(RuntimeWarning, match="1 lines of the choice cache .* are not choices"):
+        run_conv(layer, x, Spy(lambda *a: None))
+    assert measured.calls == 0  # the saved one was taken
+    run_conv(layer, torch.randn(1, 3, 6, 5), Spy(lambda *a: None))  # a new key: a save
+    assert measured.calls == 1
+    assert line not in path.read_text() and len(read_cache(path)[1]) == 2
+
+
+def test_a_save_appends_a_line_after_one_a_crash_cut_short(cache, measured):
+    """A save appends; it does not write the file again (which cost 0.1 s a choice at 6,000
+    choices). A line a crash cut short at the end is not read, nor warned of (it may be one
+    another process is writing), and the next line starts on a line of its own."""
+    path = _choice.cache_file(torch.device("cpu"))
+    before = cache_text({}) + '{"key": "cut", "choi'
+    path.write_text(before)
+    file = path.stat().st_ino
+    layer, x = conv_layer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_conv(layer, x, Spy(lambda *a: None))
+    text = path.read_text()
+    assert path.stat().st_ino == file and text.startswith(before + "\n")
+    (appended,) = text[len(before) + 1 :].splitlines()
+    assert measured.calls == 1 and json.loads(appended)["choice"]["path"] == "fastunet"
+
+
+def test_a_save_reads_what_other_processes_appended(cache, measured, monkeypatch):
+    """Their choices are taken, not measured again, and a file replaced (a new version) is read
+    from its start."""
+    layer, x = conv_layer()
+    ours = _choice.cache_for(x.device)
+    assert ours.entries == {}  # read, while the file is empty
+    other = _choice.ChoiceCache(_choice.cache_file(x.device))
+    key = _choice.layer_key("conv2d_relu", (x, layer.weight, layer.bias, 1, True))
+    other.put(key, _choice.Choice("torch", "the other's"))
+    run_conv(layer, torch.randn(1, 3, 6, 5), Spy(lambda *a: None))  # another key: a save
+    assert ours.get(key).reason == "the other's"
+    _choice.cache_file(x.device).write_text(cache_text({"k2": {"path": "torch", "reason": "new"}}))
+    run_conv(layer, torch.randn(1, 3, 7, 5), Spy(lambda *a: None))
+    assert ours.get("k2").reason == "new"
+    assert measured.calls == 2
 
 
 def test_an_unwritable_cache_warns_once_and_keeps_choices_in_memory(
@@ -323,14 +390,14 @@ def test_two_processes_merge_their_choices(cache, measured, monkeypatch):
     run_conv(layer, x, Spy(lambda *a: None))
     new_process(monkeypatch)
     run_conv(layer, torch.randn(1, 3, 6, 5), Spy(lambda *a: None))
-    (saved,) = cache.glob("choices-*.json")
-    assert len(json.loads(saved.read_text())["choices"]) == 2
+    (saved,) = cache.glob("choices-*.jsonl")
+    assert len(read_cache(saved)[1]) == 2
 
 
 def test_threads_saving_choices_at_once_keep_every_one(cache):
     """Threads of one process (a server's) share the cache file's temporary name: saved one at a
     time, none fails ("cannot save") and none is lost (7 warnings and 123 of 800 kept, unlocked)."""
-    choices = _choice.ChoiceCache(cache / "choices-cpu.json")
+    choices = _choice.ChoiceCache(cache / "choices.jsonl")
 
     def save(thread):
         for i in range(100):
@@ -343,7 +410,7 @@ def test_threads_saving_choices_at_once_keep_every_one(cache):
             thread.start()
         for thread in threads:
             thread.join()
-    saved = json.loads((cache / "choices-cpu.json").read_text())["choices"]
+    saved = read_cache(cache / "choices.jsonl")[1]
     assert len(saved) == len(choices.entries) == 800
 
 
@@ -542,7 +609,7 @@ def test_on_the_cpu_drawn_models_are_referenceunet_in_the_faster_layout_bit_for_
     too, whose NCHW strides fit channels_last as well (there `contiguous` keeps them, and the
     first conv computed NCHW whatever layout measured faster)."""
     new_process(monkeypatch)  # each example chooses afresh, in its own `faster` layout
-    for saved in cache.glob("choices-*.json"):
+    for saved in cache.glob("choices-*.jsonl"):
         saved.unlink()
     layout = faster_layout(layout_times, faster)
     torch.manual_seed(seed)
@@ -679,8 +746,8 @@ def test_another_cpu_model_measures_again_in_a_file_of_its_own(
     monkeypatch.setattr(_choice, "device_name", _choice.device_name.__wrapped__)  # not cached
     fast(x)
     assert layout_times.calls == 2
-    assert "choices-other-cpu-9000-amx-bf16.json" in {path.name for path in cache.iterdir()}
-    assert len(list(cache.glob("choices-*.json"))) == 2
+    assert "choices-other-cpu-9000-amx-bf16.jsonl" in {path.name for path in cache.iterdir()}
+    assert len(list(cache.glob("choices-*.jsonl"))) == 2
 
 
 def test_a_new_process_reads_the_layout_and_gets_the_same_bits(
@@ -694,8 +761,8 @@ def test_a_new_process_reads_the_layout_and_gets_the_same_bits(
         new_process(monkeypatch)
         layout_times.times = None  # a measurement now would fail
         assert torch.equal(fast(x), first)
-        (saved,) = cache.glob("choices-*.json")
-        (entry,) = json.loads(saved.read_text())["choices"].values()
+        (saved,) = cache.glob("choices-*.jsonl")
+        (entry,) = read_cache(saved)[1].values()
         assert entry["path"] == faster
         saved.unlink()
         new_process(monkeypatch)
@@ -704,10 +771,9 @@ def test_a_new_process_reads_the_layout_and_gets_the_same_bits(
 def test_an_entry_of_the_other_kind_is_not_taken_for_a_choice(cache, measured, monkeypatch):
     layer, x = conv_layer()
     key = _choice.layer_key("conv2d_relu", (x, layer.weight, layer.bias, 1, True))
-    _choice.cache_file(x.device).write_text(json.dumps({
-        "stamp": _choice.stamp(),
-        "choices": {key: {"path": "channels_last", "reason": "a layout", "times_ms": None}},
-    }))  # fmt: skip
+    _choice.cache_file(x.device).write_text(
+        cache_text({key: {"path": "channels_last", "reason": "a layout", "times_ms": None}})
+    )
     run_conv(layer, x, Spy(lambda *a: None))
     assert measured.calls == 1
 
@@ -874,13 +940,13 @@ def test_tune_fails_when_it_cannot_save_what_it_measured(tmp_path, measured, mon
 
 def test_a_cache_file_reached_through_a_link_stays_a_link(cache, measured):
     """A cache shared through a symbolic link: each save replaced the link with a file."""
-    shared = cache / "shared.json"
+    shared = cache / "shared.jsonl"
     link = _choice.cache_file(torch.device("cpu"))
     link.symlink_to(shared)  # dangling until the first save
     layer, x = conv_layer()
     run_conv(layer, x, Spy(lambda *a: None))
     assert link.is_symlink()
-    assert len(json.loads(shared.read_text())["choices"]) == 1
+    assert len(read_cache(shared)[1]) == 1
 
 
 def test_a_key_another_process_saved_first_takes_its_choice(cache, measured, monkeypatch):
@@ -896,7 +962,7 @@ def test_a_key_another_process_saved_first_takes_its_choice(cache, measured, mon
     spy = Spy(lambda *a: None)
     run_conv(layer, x, spy)
     assert spy.calls == 0 and measured.calls == 1
-    saved = json.loads(_choice.cache_file(x.device).read_text())["choices"]
+    saved = read_cache(_choice.cache_file(x.device))[1]
     assert saved[key]["reason"] == "measured by the other process"
 
 
@@ -912,8 +978,8 @@ for i in range(100):
 
 
 def test_processes_saving_at_once_keep_every_choice(cache):
-    """Each save reads, merges and replaces the file: unlocked, 4 processes saving 200 choices
-    each lost 19 to 46 of them."""
+    """Saves take a file lock: when each save read, merged and replaced the file, 4 processes
+    saving 100 choices each, unlocked, lost 19 to 46 of them."""
     import subprocess
     import sys
 
@@ -925,5 +991,5 @@ def test_processes_saving_at_once_keep_every_choice(cache):
         worker.stdin.write(b"go\n")
         worker.stdin.flush()
     assert [worker.wait(timeout=120) for worker in workers] == [0] * 4
-    saved = json.loads(_choice.cache_file(torch.device("cpu")).read_text())["choices"]
+    saved = read_cache(_choice.cache_file(torch.device("cpu")))[1]
     assert len(saved) == 400

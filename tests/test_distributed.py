@@ -62,7 +62,7 @@ def test_ddp_training_step_matches_reference(cpu_rule, tmp_path, monkeypatch):
             torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
             assert not torch.equal(value, initial_state[name]), f"{name} was not trained"
     if cpu_rule:  # the layout was measured inside DDP's forward, and saved
-        (saved,) = tmp_path.glob("choices-*.json")
+        (saved,) = tmp_path.glob("choices-*.jsonl")
         assert "unet-layout|forward+backward" in saved.read_text()
     # DDP keeps the replicas identical.
     for name, value in results[("UNet", 0)].items():
