@@ -268,8 +268,11 @@ def test_a_stale_cache_is_ignored_with_a_warning(cache, measured, monkeypatch):
     new_process(monkeypatch)
     upgraded = {**_choice.stamp(), "torch": "9.9"}
     monkeypatch.setattr(_choice, "stamp", lambda: upgraded)
-    with pytest.warns(RuntimeWarning, match=r"made by torch .* \(now 9.9\); its choices are ig"):
+    with pytest.warns(
+        RuntimeWarning, match=r"made by torch .* \(now 9.9\); its choices are ig"
+    ) as w:
         run_conv(layer, x, Spy(lambda *a: None))
+    assert w[0].filename == __file__  # the line that called fastunet, not fastunet's own
     assert measured.calls == 2
     (saved,) = cache.glob("choices-*.jsonl")
     assert read_cache(saved)[0]["torch"] == "9.9"

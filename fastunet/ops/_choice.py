@@ -43,6 +43,7 @@ import json
 import os
 import platform
 import re
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -58,6 +59,8 @@ try:
 except ImportError:  # Windows: saves are not locked across processes
     fcntl = None
 
+import fastunet as fastunet_package
+from fastunet import kernels
 from fastunet._version import __version__
 from fastunet.kernels import INTERPRET
 from fastunet.ops._backend import choose, forced_backend, native_extension, package_version
@@ -162,8 +165,6 @@ def cache_dir() -> Path:
 @functools.cache
 def stamp() -> dict:
     """What a measured choice depends on besides its key: a change in any makes a file stale."""
-    from fastunet import kernels
-
     sources = hashlib.sha256()
     for path in sorted(Path(kernels.__file__).parent.glob("*.py")):
         sources.update(path.read_bytes())
@@ -371,8 +372,19 @@ def _stamp_changes(old) -> str:
     return ", ".join(changed) or "another version"
 
 
+# Code whose lines a warning does not point at: the user's line that called into it is the one
+# to see. (fastunet.kernels lies apart from fastunet in an editable install.)
+_INTERNAL = tuple(
+    str(Path(module.__file__).parent) + os.sep for module in (torch, fastunet_package, kernels)
+)
+
+
 def _warn(message: str) -> None:
-    warnings.warn(f"fastunet: {message}", RuntimeWarning, stacklevel=4)
+    """A RuntimeWarning that points at the first line outside fastunet and torch."""
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(f"fastunet: {message}", RuntimeWarning, stacklevel=level)
 
 
 @functools.cache
