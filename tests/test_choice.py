@@ -337,22 +337,88 @@ def test_lines_that_are_not_choices_are_ignored_with_a_warning(cache, measured, 
     assert line not in path.read_text() and len(read_cache(path)[1]) == 2
 
 
-def test_a_save_appends_a_line_after_one_a_crash_cut_short(cache, measured):
+def test_a_save_appends_a_line_in_place_of_one_a_crash_cut_short(cache, measured):
     """A save appends; it does not write the file again (which cost 0.1 s a choice at 6,000
     choices). A line a crash cut short at the end is not read, nor warned of (it may be one
-    another process is writing), and the next line starts on a line of its own."""
+    another process is writing); under the lock the save cuts it off (followed by a newline, it
+    was a bad line that every new process warned of)."""
     path = _choice.cache_file(torch.device("cpu"))
-    before = cache_text({}) + '{"key": "cut", "choi'
-    path.write_text(before)
+    before = cache_text({"k": {"path": "torch", "reason": "saved", "times_ms": None}})
+    path.write_text(before + '{"key": "cut", "choi')
     file = path.stat().st_ino
     layer, x = conv_layer()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run_conv(layer, x, Spy(lambda *a: None))
-    text = path.read_text()
-    assert path.stat().st_ino == file and text.startswith(before + "\n")
-    (appended,) = text[len(before) + 1 :].splitlines()
-    assert measured.calls == 1 and json.loads(appended)["choice"]["path"] == "fastunet"
+        text = path.read_text()
+        assert path.stat().st_ino == file and text.startswith(before)
+        (appended,) = text[len(before) :].splitlines()
+        assert json.loads(appended)["choice"]["path"] == "fastunet" and measured.calls == 1
+        assert len(_choice.ChoiceCache(path).entries) == 2  # no warning
+
+
+def test_unlocked_saves_at_once_leave_no_empty_line(cache, monkeypatch):
+    """Without flock (Windows) another process may append between a read and a save: the save
+    took its lines for a crash's piece and wrote a newline, an empty line that every new process
+    then warned of."""
+    monkeypatch.setattr(_choice, "fcntl", None)
+    path = cache / "choices.jsonl"
+    ours, theirs = _choice.ChoiceCache(path), _choice.ChoiceCache(path)
+    ours.put("first", _choice.Choice("torch", "ours"))
+    theirs.put("second", _choice.Choice("torch", "theirs"))
+    monkeypatch.setattr(ours, "_read_new_lines", lambda *args, **kwargs: None)  # raced
+    ours.put("third", _choice.Choice("torch", "ours"))
+    assert "\n\n" not in path.read_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(_choice.ChoiceCache(path).entries) == 3
+
+
+def test_a_file_written_again_in_place_is_read_from_its_start(cache):
+    """cp writes into the old inode, and a freed inode number is taken again at once (ext4): a
+    process went on reading the new file at its offset in the old one, from the middle of a
+    line, and wrote its own choice for a key another process had saved first."""
+    path = cache / "choices.jsonl"
+    ours = _choice.ChoiceCache(path)
+    ours.put("mine", _choice.Choice("fastunet", "ours"))
+    file = path.stat().st_ino
+    theirs = {key: {"path": "torch", "reason": "theirs", "times_ms": None}
+              for key in ("shared", "a-longer-key-than-mine")}  # fmt: skip
+    path.write_text(cache_text(theirs))
+    assert path.stat().st_ino == file
+    assert ours.put("shared", _choice.Choice("fastunet", "ours")).reason == "theirs"
+    assert ours.get("a-longer-key-than-mine").reason == "theirs"
+
+
+def test_a_cache_file_that_is_not_a_regular_file_is_ignored_with_a_warning(cache):
+    """A FIFO: opening it waited for a writer, so the first layer hung with no warning."""
+    path = cache / "choices.jsonl"
+    os.mkfifo(path)
+    read = []
+    thread = threading.Thread(
+        target=lambda: read.append(len(_choice.ChoiceCache(path).entries)), daemon=True
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        thread.start()
+        thread.join(timeout=60)
+    assert read == [0], "reading a FIFO hung"
+    with pytest.warns(RuntimeWarning, match="not a regular file"):
+        assert _choice.ChoiceCache(path).entries == {}
+
+
+def test_a_save_that_failed_is_made_with_the_next_one(tmp_path):
+    """`save_failed` (tune exits 2 with it) says whether a choice is not in the file now."""
+    blocker = tmp_path / "cache"
+    blocker.write_text("")  # a file where the directory goes
+    choices = _choice.ChoiceCache(blocker / "choices.jsonl")
+    with pytest.warns(RuntimeWarning, match="cannot save"):
+        choices.put("first", _choice.Choice("torch", "measured"))
+    assert choices.save_failed
+    blocker.unlink()
+    choices.put("second", _choice.Choice("torch", "measured"))
+    assert not choices.save_failed
+    assert read_cache(blocker / "choices.jsonl")[1].keys() == {"first", "second"}
 
 
 def test_a_save_reads_what_other_processes_appended(cache, measured, monkeypatch):

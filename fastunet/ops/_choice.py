@@ -43,8 +43,10 @@ import json
 import os
 import platform
 import re
+import stat
 import sys
 import threading
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
@@ -192,21 +194,30 @@ class ChoiceCache:
     def __init__(self, path: Path):
         self.path = path
         self._entries: dict[str, dict] | None = None
-        self.save_failed = False  # a choice could not be written (fastunet tune says so)
-        # Threads of one process share this cache and its temporary file: one writes at a time.
-        self._lock = threading.Lock()
-        # How much of which file this process has read: (st_dev, st_ino), and bytes. None: no
-        # usable file (none yet, stale, unreadable), so the next save writes a new one.
+        self._warned_unsaved = False
+        # Threads of one process share this cache and its temporary file: one reads or writes
+        # at a time.
+        self._lock = threading.RLock()
+        # How much of which file this process has read: (st_dev, st_ino), its first line (the
+        # stamp and a nonce: an inode number is reused, and cp writes into the old inode), and
+        # bytes. None: no usable file (none yet, stale, unreadable): the next save writes one.
         self._file: tuple[int, int] | None = None
+        self._header = b""
         self._read_up_to = 0
         self._saved: set[str] = set()  # the keys in the file
         self._unsaved: list[str] = []  # keys whose save failed
 
     @property
+    def save_failed(self) -> bool:
+        """Whether a choice made is not in the file (fastunet tune says so)."""
+        return bool(self._unsaved)
+
+    @property
     def entries(self) -> dict[str, dict]:
-        if self._entries is None:
-            self._entries = {}
-            self._read_new_lines(self.path, warn=True)
+        with self._lock:
+            if self._entries is None:
+                self._entries = {}
+                self._read_new_lines(self.path, warn=True)
         return self._entries
 
     def _read_new_lines(self, path: Path, warn: bool) -> None:
@@ -214,12 +225,12 @@ class ChoiceCache:
         where it stopped, or from the start if the file was replaced. Where the file is stale or
         unusable, nothing (the next save writes a new one)."""
         try:
-            with open(path, "rb") as handle:
+            # Not blocking: a FIFO would wait for a writer.
+            with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as handle:
                 status = os.fstat(handle.fileno())
-                file = _file_identity(status)
-                # From the start if the file was replaced, or cut short in place.
-                appended = file == self._file and status.st_size >= self._read_up_to
-                start = self._read_up_to if appended else 0
+                if not stat.S_ISREG(status.st_mode):
+                    raise OSError("not a regular file")
+                start = self._read_up_to if self._appended_to(handle, status) else 0
                 handle.seek(start)
                 data = handle.read()
         except FileNotFoundError:
@@ -239,6 +250,7 @@ class ChoiceCache:
                 if warn:
                     _warn(f"the choice cache {self.path} {problem}; {IGNORED}")
                 return
+            self._header = lines[0] + b"\n"
             lines = lines[1:]
         found, unusable = {}, 0
         for line in lines:
@@ -249,12 +261,24 @@ class ChoiceCache:
                 found.setdefault(*record)  # the first saved counts, as its saver was told
         self._entries.update(found)  # the file's choice over one only in this process's memory
         self._saved.update(found)
-        self._file, self._read_up_to = file, start + len(data) - len(unfinished)
+        self._file = _file_identity(status)
+        self._read_up_to = start + len(data) - len(unfinished)
         if unusable:  # the next save writes the file again without them
             self._file = None
             if warn:
                 _warn(f"{unusable} lines of the choice cache {self.path} are not choices; "
                       "they are ignored")  # fmt: skip
+
+    def _appended_to(self, handle, status: os.stat_result) -> bool:
+        """Whether the open file is the one read up to `_read_up_to`, with lines appended (or
+        none): else it was replaced, or changed in place, and is read from its start."""
+        if self._file != _file_identity(status) or status.st_size < self._read_up_to:
+            return False
+        handle.seek(0)
+        if handle.read(len(self._header)) != self._header:
+            return False
+        handle.seek(self._read_up_to - 1)
+        return handle.read(1) == b"\n"  # where it stopped, a line ended
 
     def get(self, key: str, paths=PATHS) -> Choice | None:
         """The saved choice for key, if it is one of `paths`."""
@@ -280,11 +304,11 @@ class ChoiceCache:
             except OSError as error:
                 entries[key] = asdict(choice)
                 self._unsaved.append(key)
-                if not self.save_failed:
+                if not self._warned_unsaved:
                     _warn(
                         f"cannot save the choice cache {self.path} ({error}); keeping it in memory"
                     )
-                self.save_failed = True
+                self._warned_unsaved = True
         return choice
 
     def _save(self, target: Path, keys: list[str]) -> None:
@@ -296,14 +320,19 @@ class ChoiceCache:
             json.dumps({"key": key, "choice": self._entries[key]}) + "\n" for key in keys
         )
         if self._file is None:
-            write_atomically(target, json.dumps({"stamp": stamp()}) + "\n" + lines)
-            size = target.stat().st_size
+            header = json.dumps({"stamp": stamp(), "file": uuid.uuid4().hex}) + "\n"
+            write_atomically(target, header + lines)
+            self._header, size = header.encode(), target.stat().st_size
         else:
-            with open(target, "ab") as handle:
-                # After a line a crash cut short, on a line of its own.
-                handle.seek(0, os.SEEK_END)
-                cut_short = handle.tell() != self._read_up_to
-                handle.write((b"\n" if cut_short else b"") + lines.encode())
+            with open(target, "a+b") as handle:
+                end = handle.seek(0, os.SEEK_END)
+                if fcntl is not None:  # locked: past what was read lies only a crash's piece
+                    handle.truncate(self._read_up_to)
+                    newline = False
+                else:  # unlocked: another process may have appended lines since
+                    handle.seek(end - 1)
+                    newline = handle.read(1) != b"\n"
+                handle.write(b"\n" * newline + lines.encode())
                 size = handle.tell()
         self._file, self._read_up_to = _file_identity(target.stat()), size
         self._saved.update(keys)
