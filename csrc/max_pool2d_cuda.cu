@@ -11,8 +11,11 @@
 namespace fastunet {
 namespace {
 
+// A failed runtime call also stays the runtime's "last error" until read, and the next launch's
+// cudaGetLastError would report it: clear it before throwing.
 void check(cudaError_t error, const char* what) {
   if (error != cudaSuccess) {
+    (void)cudaGetLastError();
     throw std::runtime_error(std::string("fastunet._C: ") + what + ": " + cudaGetErrorString(error));
   }
 }
@@ -70,6 +73,7 @@ void launch(Kernel kernel, const Geometry& g, int device, uintptr_t stream, Args
   int previous = 0;
   check(cudaGetDevice(&previous), "cudaGetDevice");
   check(cudaSetDevice(device), "cudaSetDevice");
+  (void)cudaGetLastError();  // so that what it returns after the launch is the launch's
   kernel<<<unsigned(blocks), threads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(args..., g,
                                                                                    vectors);
   const cudaError_t launched = cudaGetLastError();

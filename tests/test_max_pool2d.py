@@ -339,6 +339,8 @@ def test_cuda_errors_raise_with_cudas_message():
             x.data_ptr(), out.data_ptr(), argmax.data_ptr(), x.shape, x.stride(),
             _C.DType.float32, torch.cuda.device_count(), 0,
         )  # fmt: skip
+    # The failed call was left as the CUDA runtime's last error, and the next launch reported it.
+    assert torch.equal(ops.max_pool2d(x), F.max_pool2d(x, 2))
 
 
 SANITIZED_SCRIPT = """
