@@ -276,14 +276,37 @@ def test_startup_script_times_cold_warm_and_reference_processes(tmp_path):
     assert "cold: first training step" in done.stdout
 
 
+def benchmark_script(name: str):
+    """A script of benchmarks/ as a module."""
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_profile_tells_fastunets_kernels_from_pytorchs():
+    """_C's kernels demangle without "max_pool" (they fell in "other"), and PyTorch's max-pool and
+    upsample kernels, where a layer takes PyTorch's path, were counted as fastunet's."""
+    family = benchmark_script("profile_model").family
+    names = {
+        "void fastunet::(anonymous namespace)::forward_kernel<fastunet::BFloat16, 8>(...)":
+            "fastunet max_pool2d (_C)",
+        "void at::native::(anonymous namespace)::max_pool_forward_nhwc<c10::BFloat16>(...)":
+            "PyTorch max_pool2d",
+        "_upsample_concat_forward_kernel": "fastunet upsample_concat",
+        "_upsample_backward_kernel": "fastunet upsample_concat",
+        "void at::native::(anonymous namespace)::upsample_nearest2d_nhwc_out_frame<float>(...)":
+            "PyTorch upsample",
+    }  # fmt: skip
+    assert {name: family(name) for name in names} == names
+
+
 def test_startup_parts_count_each_second_once():
     """startup.py's split of a first step: a part's time leaves out the parts nested in it, a
     call is a part by its caller's name, nothing counts in another thread (the tiles compiling
     in parallel, whose wall time their waiting caller counts), nor while the split is off."""
-    path = Path(__file__).parents[1] / "benchmarks" / "startup.py"
-    spec = importlib.util.spec_from_file_location("startup", path)
-    startup = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(startup)
+    startup = benchmark_script("startup")
     parts, now = startup.Parts(), [0.0]
     parts.clock = lambda: now[0]
 
