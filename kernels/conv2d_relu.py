@@ -262,7 +262,16 @@ def _load_input_pixels(
     return pixels
 
 
-@_autotune(GEMM_CONFIGS, ["N", "H_OUT", "W_OUT", "C_IN", "C_OUT", "KH", "KW", "C_SKIP"])
+# What a tile is tuned for: the shapes, and every compile-time flag but the tile's own (Triton
+# keys its choice by these names and the tensors' dtypes only, so without the flags a TF32 and an
+# IEEE run, nearest and bilinear, or a forward and a same-shape grad_input shared a tile).
+CONV_TUNING_KEY = ["N", "H_OUT", "W_OUT", "C_IN", "C_OUT", "KH", "KW", "C_SKIP", "HAS_BIAS",
+                   "RELU", "LEAKY", "INPUT_PRECISION", "UPSAMPLE"]  # fmt: skip
+GRAD_WEIGHT_TUNING_KEY = ["N", "H_OUT", "W_OUT", "C_IN", "C_OUT", "KH", "KW", "M_PER_SPLIT",
+                          "C_SKIP", "INPUT_PRECISION", "UPSAMPLE"]  # fmt: skip
+
+
+@_autotune(GEMM_CONFIGS, CONV_TUNING_KEY)
 @triton.jit
 def _conv2d_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
@@ -335,10 +344,7 @@ def _conv2d_kernel(
     )
 
 
-@_autotune(
-    GRAD_WEIGHT_CONFIGS,
-    ["N", "H_OUT", "W_OUT", "C_IN", "C_OUT", "KH", "KW", "M_PER_SPLIT", "C_SKIP"],
-)
+@_autotune(GRAD_WEIGHT_CONFIGS, GRAD_WEIGHT_TUNING_KEY)
 @triton.jit
 def _conv2d_grad_weight_kernel(
     grad_ptr, x_ptr, partial_ptr,

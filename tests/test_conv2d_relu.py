@@ -4,6 +4,8 @@ CPU tier: Triton's interpreter at small, odd shapes in fp32 and fp16. GPU tier (
 UNet's real shapes in every dtype, against a float64 reference.
 """
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -294,6 +296,25 @@ def test_activation_mask_equals_pytorchs_backward(backend, dtype, negative_slope
         expected = torch.ops.aten.threshold_backward(grad_out, out, 0)
     assert torch.equal(grad, expected)
     torch.testing.assert_close(grad_bias, expected.float().sum((0, 2, 3)).to(dtype))
+
+
+@pytest.mark.parametrize(
+    "kernel_name,key,configs",
+    [("_conv2d_kernel", "CONV_TUNING_KEY", "GEMM_CONFIGS"),
+     ("_conv2d_grad_weight_kernel", "GRAD_WEIGHT_TUNING_KEY", "GRAD_WEIGHT_CONFIGS")],
+)  # fmt: skip
+def test_a_tile_is_tuned_for_each_compile_time_flag(kernel_name, key, configs):
+    """Triton keys a tuned tile by the names given and the tensors' dtypes only: without the
+    flags, a TF32 and an IEEE run, nearest and bilinear, or a forward and a same-shape grad_input
+    shared one tile."""
+    launchers = kernels.conv2d_relu
+    function = getattr(launchers, kernel_name)
+    while hasattr(function, "fn"):  # the autotuner's, the JIT's or the interpreter's wrapper
+        function = function.fn
+    flags = {name for name, parameter in inspect.signature(function).parameters.items()
+             if "constexpr" in str(parameter.annotation)}  # fmt: skip
+    tile = set(getattr(launchers, configs)[0].kwargs)
+    assert flags - tile <= set(getattr(launchers, key))
 
 
 @pytest.mark.parametrize("kernel_name,config", AUTOTUNED, ids=AUTOTUNED_IDS)
