@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from fastunet.ops._choice import LAYOUTS
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -54,8 +56,10 @@ def _tune(args: argparse.Namespace) -> int:
     device = _device(args.device)
     _check_size(args)
     dtype = DTYPES[args.dtype]
+    # The weights' layout is part of each layer's key: tune the one the model will run with.
+    weights = args.weights or ("channels_last" if device.type == "cuda" else "contiguous")
     model = UNet(args.in_channels, args.num_classes, args.base_channels, args.depth,
-                 upsample=args.upsample).to(device)  # fmt: skip
+                 upsample=args.upsample).to(device, memory_format=LAYOUTS[weights])  # fmt: skip
     x = torch.randn(args.batch, args.in_channels, args.size, args.size, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
     autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -257,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--upsample", choices=["nearest", "bilinear"], default="nearest")
     tune.add_argument("--input-grad", action="store_true",
                       help="the training step also needs the input's gradient")  # fmt: skip
+    tune.add_argument("--weights", choices=sorted(LAYOUTS), default=None,
+                      help="the weights' layout, part of each layer's key (default: channels_last "
+                           "on a GPU, as README advises, contiguous on the CPU)")  # fmt: skip
     tune.add_argument("--json", action="store_true")
     tune.set_defaults(run=_tune)
     return parser

@@ -977,13 +977,29 @@ def test_tune_fills_the_cache_so_a_new_process_measures_nothing(
     assert all(entry["path"] == "torch" for entry in table.values())
     new_process(monkeypatch)
     no_measuring(monkeypatch)
-    model = UNet(3, 2, 2, 2)
+    assert tuned_keys(UNet(3, 2, 2, 2)) == set(table)
+
+
+def tuned_keys(model) -> set[str]:
+    """The layer keys of TUNE's model's inference and training step."""
     x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
     with _choice.recording() as calls:
         with torch.no_grad():
             model(x)
         model(x).sum().backward()
-    assert {key for key, _ in calls} == set(table)
+    return {key for key, _ in calls}
+
+
+def test_tune_measures_the_weights_layout_the_model_runs_with(cache, measured, capsys):
+    """The weights' layout is in each layer's key: tune measured NCHW weights, and a GPU model
+    with channels_last weights, as README advises (and the bench and startup.py run), found
+    none of its keys tuned. The default is channels_last on a GPU."""
+    assert main([*TUNE, "--weights", "channels_last", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    model = UNet(3, 2, 2, 2).to(memory_format=torch.channels_last)
+    assert tuned_keys(model) == set(table)
+    nchw_weights = tuned_keys(UNet(3, 2, 2, 2))
+    assert not {key for key in nchw_weights if "conv2d" in key} & set(table)
 
 
 def test_tune_on_the_cpu_measures_the_layout_and_says_where_it_keeps_it(
