@@ -20,6 +20,8 @@
 #   summary come back inside the call's limit.
 # - TIMEOUT_<stage> (e.g. TIMEOUT_tests=240), else STAGE_TIMEOUT: one stage's own limit, so the
 #   stages after it still run.
+# - FASTUNET_TESTS_ONE_TILE (default 1 here): the tests run each conv kernel's fallback tile
+#   untimed (tests/conftest.py), not autotune's up to 9 per new shape; 0 autotunes.
 #
 # Within one 15-minute lease of a fresh H100 (a start takes 1-2 minutes; a call 10 at most):
 #   call 1, timeout_s 570:
@@ -96,6 +98,8 @@ for stage in $stages; do
         echo "== no pytest-xdist here: TEST_ARGS='$test_args' without -n" >>"$out/tests.log"
         test_args=$(sed -E 's/(^|[[:space:]])-n[[:space:]]*[^[:space:]]+//g' <<<"$test_args")
       fi
+      # One tile per conv kernel, untimed (tests/conftest.py), unless FASTUNET_TESTS_ONE_TILE=0.
+      export FASTUNET_TESTS_ONE_TILE=${FASTUNET_TESTS_ONE_TILE:-1}
       # shellcheck disable=SC2086
       run_stage tests "$out/tests.log" python3 -m pytest tests -q -rs -p no:cacheprovider \
         --durations=15 -m "not bigmem" $test_args \

@@ -22,9 +22,10 @@ os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastunet-induct
 os.environ["FASTUNET_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastunet-choices-")
 
 import pytest
-from helpers import KERNEL_DEVICE, assert_kernel_backend, interpreter_problem
+from helpers import AUTOTUNED_CONFIGS, KERNEL_DEVICE, assert_kernel_backend, interpreter_problem
 
 from fastunet.kernels import INTERPRET
+from fastunet.kernels import conv2d_relu as conv2d_relu_kernels
 from fastunet.ops._backend import package_version
 
 for session_directory in (os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["FASTUNET_CACHE_DIR"]):
@@ -70,6 +71,17 @@ def backend(request):
     FASTUNET_BACKEND=torch). Put the tensors on `helpers.backend_device(backend)`."""
     request.getfixturevalue(f"{request.param}_backend")
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _one_tile(monkeypatch):
+    """FASTUNET_TESTS_ONE_TILE=1 (benchmarks/gpu_check.sh sets it): on a GPU each conv kernel runs
+    its pruner's fallback tile, untimed, instead of timing up to 9 for every new shape (about
+    0.3 s a shape, minutes over the property tests). test_every_autotuned_tile still runs each
+    tile; the bench runs the autotuner."""
+    if os.environ.get("FASTUNET_TESTS_ONE_TILE") == "1" and not INTERPRET:
+        for name, configs in AUTOTUNED_CONFIGS.items():
+            monkeypatch.setattr(getattr(conv2d_relu_kernels, name), "configs", configs[-1:])
 
 
 @pytest.fixture(autouse=True)
