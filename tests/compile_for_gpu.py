@@ -159,6 +159,8 @@ def main() -> int:
             conv_launches(dtype, 2, 128, 128, (32, 32))
     with case("conv bf16 Ampere", capability=80):
         conv_launches(torch.bfloat16, 2, 64, 64, (32, 32))
+    with case("conv fp32 Ampere every tile", capability=80, every_tile=True):
+        conv_launches(torch.float32, 2, 128, 128, (32, 32))  # fp32: the widest stages
     with case("conv fp32 IEEE, 1x1 head, no bias", fp32_precision="ieee"):
         conv_launches(torch.float32, 2, 64, 16, (32, 32), kernel=1, bias=False)
     with case("conv odd sizes (N=1, C_in=3)", aligned=False):
