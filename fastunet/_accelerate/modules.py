@@ -308,7 +308,7 @@ class ChainForward(ForwardStandIn):
             if chain and tuple(layers[i : i + span]) == chain.layers and chain.folds_now():
                 if chain.activation_apart(input):
                     input = layers[i].run(input, chain.batch_norm, None)
-                    input = F.leaky_relu(input, chain.negative_slope)
+                    input = _activation(input, chain.negative_slope)
                 else:
                     input = layers[i].run(
                         input, chain.batch_norm, chain.negative_slope, chain.activation_in_place

@@ -61,7 +61,6 @@ try:
 except ImportError:  # Windows: saves are not locked across processes
     fcntl = None
 
-import fastunet as fastunet_package
 from fastunet import kernels
 from fastunet._version import __version__
 from fastunet.kernels import INTERPRET
@@ -261,13 +260,12 @@ class ChoiceCache:
                 found.setdefault(*record)  # the first saved counts, as its saver was told
         self._entries.update(found)  # the file's choice over one only in this process's memory
         self._saved.update(found)
-        self._file = _file_identity(status)
         self._read_up_to = start + len(data) - len(unfinished)
-        if unusable:  # the next save writes the file again without them
-            self._file = None
-            if warn:
-                _warn(f"{unusable} lines of the choice cache {self.path} are not choices; "
-                      "they are ignored")  # fmt: skip
+        # With lines that are not choices, the next save writes the file again without them.
+        self._file = None if unusable else _file_identity(status)
+        if unusable and warn:
+            _warn(f"{unusable} lines of the choice cache {self.path} are not choices; they are "
+                  "ignored")  # fmt: skip
 
     def _appended_to(self, handle, status: os.stat_result) -> bool:
         """Whether the open file is the one read up to `_read_up_to`, with lines appended (or
@@ -314,12 +312,13 @@ class ChoiceCache:
     def _save(self, target: Path, keys: list[str]) -> None:
         """Append the entries of `keys`, or write a new file with every entry where there is
         no usable one."""
-        if self._file is None:
+        fresh = self._file is None
+        if fresh:
             keys = list(self._entries)
         lines = "".join(
             json.dumps({"key": key, "choice": self._entries[key]}) + "\n" for key in keys
         )
-        if self._file is None:
+        if fresh:
             header = json.dumps({"stamp": stamp(), "file": uuid.uuid4().hex}) + "\n"
             write_atomically(target, header + lines)
             self._header, size = header.encode(), target.stat().st_size
@@ -404,8 +403,10 @@ def _stamp_changes(old) -> str:
 # Code whose lines a warning does not point at: the user's line that called into it is the one
 # to see. (fastunet.kernels lies apart from fastunet in an editable install.)
 _INTERNAL = tuple(
-    str(Path(module.__file__).parent) + os.sep for module in (torch, fastunet_package, kernels)
-)
+    str(folder) + os.sep
+    for folder in (Path(torch.__file__).parent, Path(__file__).parents[1],
+                   Path(kernels.__file__).parent)
+)  # fmt: skip
 
 
 def _warn(message: str) -> None:
