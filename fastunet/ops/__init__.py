@@ -2,7 +2,8 @@
 
 Each op validates its input, picks its backend per call (see `fastunet.info()`), has a fake
 (shape) kernel for torch.compile, an autograd formula whose backward steps are ops too, and an
-autocast rule.
+autocast rule. The layers call them through `fastunet.ops._eager.call`, which in plain eager
+PyTorch runs the same function and formula without the dispatcher's round trips.
 """
 
 from fastunet.ops.conv2d_relu import conv2d_relu

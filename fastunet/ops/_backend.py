@@ -20,6 +20,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The ops and the kind of kernel that serves them on a GPU.
 TRITON_OPS = ("conv2d_relu", "upsample_concat", "upsample_concat_conv2d_relu")
 NATIVE_OPS = ("max_pool2d",)
+OPS = TRITON_OPS + NATIVE_OPS
 
 
 @dataclass(frozen=True)
@@ -83,14 +84,22 @@ def native_build_info() -> dict | None:
     return None if isinstance(ext, str) else ext.build_info()
 
 
+# The usual answers, made once: a layer asks on every call.
+FORCED_TORCH = Backend("torch", "forced by FASTUNET_BACKEND=torch")
+TRITON = Backend("triton", "CUDA tensor: Triton kernel")
+TRITON_INTERPRETER = Backend("triton-interpreter", "CPU tensor with TRITON_INTERPRET=1")
+NATIVE_CUDA = Backend("_C.cuda", "CUDA tensor: _C CUDA kernel")
+NATIVE_CPU = Backend("_C.cpu", "CPU tensor: _C C++ twin")
+
+
 def choose(op: str, device: torch.device | str, dtype: torch.dtype) -> Backend:
-    device = torch.device(device)
-    if op not in TRITON_OPS + NATIVE_OPS:
+    if op not in OPS:
         raise ValueError(f"unknown op {op!r}")
     if forced_backend() == "torch":
-        return Backend("torch", "forced by FASTUNET_BACKEND=torch")
+        return FORCED_TORCH
     if dtype not in KERNEL_DTYPES:
         return Backend("torch", f"{dtype} has no kernel (kernels serve fp32, fp16 and bf16)")
+    device = torch.device(device)
     if op in TRITON_OPS:
         return _choose_triton(device, dtype)
     return _choose_native(device)
@@ -99,15 +108,13 @@ def choose(op: str, device: torch.device | str, dtype: torch.dtype) -> Backend:
 def _choose_triton(device: torch.device, dtype: torch.dtype) -> Backend:
     if device.type == "cuda":
         error = triton_kernels_error()
-        if error is None:
-            return Backend("triton", "CUDA tensor: Triton kernel")
-        return Backend("torch", f"CUDA tensor, but {error}")
+        return TRITON if error is None else Backend("torch", f"CUDA tensor, but {error}")
     if device.type == "cpu" and TRITON_INTERPRET:
         if dtype == torch.bfloat16:  # its arithmetic on bf16 values gives garbage, not an error
             return Backend("torch", "TRITON_INTERPRET=1, but Triton's interpreter has no bfloat16")
         error = triton_kernels_error()
         if error is None:
-            return Backend("triton-interpreter", "CPU tensor with TRITON_INTERPRET=1")
+            return TRITON_INTERPRETER
         return Backend("torch", f"TRITON_INTERPRET=1, but {error}")
     return Backend(
         "torch",
@@ -152,7 +159,7 @@ def _choose_native(device: torch.device) -> Backend:
         missing = missing_arch(_capability(device), info["archs"])
         if missing:
             return Backend("unsupported", missing)
-        return Backend("_C.cuda", "CUDA tensor: _C CUDA kernel")
+        return NATIVE_CUDA
     if device.type == "cpu":
-        return Backend("_C.cpu", "CPU tensor: _C C++ twin")
+        return NATIVE_CPU
     return Backend("torch", f"{device.type} tensor: torch composite")

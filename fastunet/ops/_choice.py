@@ -73,6 +73,7 @@ from fastunet.ops._common import (
     watched,
     write_atomically,
 )
+from fastunet.ops._eager import call
 from fastunet.ops._timing import compare_ms
 
 FORMAT = 2  # 1: one JSON object, rewritten at each save
@@ -502,7 +503,7 @@ def _text_key(name: str, x: Tensor, training: bool, described: list[str]) -> str
 def measure(op: str, fastunet_fn: Callable, args: tuple) -> dict[str, float]:
     """Median ms of the fastunet op and of PyTorch's own path on these inputs: forward alone,
     or forward and backward to the inputs that need gradients when the call records autograd."""
-    candidates = {"fastunet": fastunet_fn, "torch": TORCH_PATHS[op]}
+    candidates = {"fastunet": functools.partial(call, fastunet_fn), "torch": TORCH_PATHS[op]}
     device = args[0].device
     if not _is_training(args):
         with torch.no_grad():
@@ -513,7 +514,7 @@ def measure(op: str, fastunet_fn: Callable, args: tuple) -> dict[str, float]:
     leaves = tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, Tensor) else a
                    for a in args)  # fmt: skip
     needs_grad = [a for a in leaves if isinstance(a, Tensor) and a.requires_grad]
-    grad_out = torch.ones_like(fastunet_fn(*leaves))
+    grad_out = torch.ones_like(call(fastunet_fn, *leaves))
 
     def step(fn):
         torch.autograd.grad(fn(*leaves), needs_grad, grad_out)
@@ -662,7 +663,9 @@ def run_layer(op: str, fastunet_fn: Callable, *args):
         return TORCH_PATHS[op](*args)
     choice = choose_path(op, fastunet_fn, args)
     _record(op, args, choice)
-    return (fastunet_fn if choice.path == "fastunet" else TORCH_PATHS[op])(*args)
+    if choice.path == "fastunet":
+        return call(fastunet_fn, *args)
+    return TORCH_PATHS[op](*args)
 
 
 def _record(op: str, args: tuple, choice: Choice) -> None:

@@ -152,7 +152,9 @@ def kernel_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _cast_floating(args: tuple, device_type: str, dtype: torch.dtype) -> tuple:
+def cast_floating(args: tuple, device_type: str, dtype: torch.dtype) -> tuple:
+    """args, with the floating tensors on device_type other than float64 cast to dtype."""
+
     def cast(a):
         if (
             isinstance(a, torch.Tensor)
@@ -180,17 +182,20 @@ def _widest_floating(args: tuple, device_type: str) -> torch.dtype:
 
 # Kept alive for the life of the process: it owns the autocast registrations.
 _AUTOCAST_LIB = torch.library.Library("fastunet", "IMPL")
+# Each op's autocast rule by name: its dtype under autocast from (args, device type).
+AUTOCAST_RULES: dict[str, Callable[[tuple, str], torch.dtype]] = {}
 
 
 def _register_autocast(name: str, target_dtype: Callable[[tuple, str], torch.dtype]) -> None:
     """Autocast rule for fastunet::<name>: cast, then run the op with autocast off."""
     op = getattr(torch.ops.fastunet, name).default
+    AUTOCAST_RULES[name] = target_dtype
     for device_type, key in (("cuda", "AutocastCUDA"), ("cpu", "AutocastCPU")):
 
         def kernel(*args, _device_type=device_type):
             dtype = target_dtype(args, _device_type)
             with torch.autocast(_device_type, enabled=False):
-                return op(*_cast_floating(args, _device_type, dtype))
+                return op(*cast_floating(args, _device_type, dtype))
 
         _AUTOCAST_LIB.impl(name, kernel, key)
 

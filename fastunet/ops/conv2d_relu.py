@@ -27,6 +27,7 @@ from fastunet.ops._common import (
     kernel_device,
     refuse_forward_ad,
 )
+from fastunet.ops._eager import call, custom_op, register_autograd
 
 OP = "conv2d_relu"
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -109,7 +110,7 @@ def _triton_kernels(t: Tensor):
     return kernels
 
 
-@torch.library.custom_op("fastunet::conv2d_relu", mutates_args=())
+@custom_op("conv2d_relu")
 def conv2d_relu(
     x: Tensor,
     weight: Tensor,
@@ -137,7 +138,7 @@ def _(x, weight, bias=None, padding=1, relu=True, negative_slope=0.0):
     return empty_channels_last(_check(x, weight, bias, padding, relu, negative_slope), x)
 
 
-@torch.library.custom_op("fastunet::conv2d_relu_grad_output", mutates_args=())
+@custom_op("conv2d_relu_grad_output")
 def conv2d_relu_grad_output(
     grad_out: Tensor, out: Tensor, negative_slope: float = 0.0
 ) -> tuple[Tensor, Tensor]:
@@ -161,7 +162,7 @@ def _(grad_out, out, negative_slope=0.0):
     return empty_channels_last(out.shape, out), out.new_empty(out.shape[1])
 
 
-@torch.library.custom_op("fastunet::conv2d_grad", mutates_args=())
+@custom_op("conv2d_grad")
 def conv2d_grad(
     grad: Tensor, x: Tensor, weight: Tensor, padding: int, need_input: bool, need_weight: bool
 ) -> tuple[Tensor, Tensor]:
@@ -237,19 +238,19 @@ def _backward(ctx, grad_out):
     need_x, need_weight = ctx.needs_input_grad[:2]
     need_bias = ctx.has_bias and ctx.needs_input_grad[2]
     if ctx.relu:
-        grad, grad_bias = conv2d_relu_grad_output(grad_out, out, ctx.negative_slope)
+        grad, grad_bias = call(conv2d_relu_grad_output, grad_out, out, ctx.negative_slope)
     else:
         grad = grad_out
         if need_bias:
             grad_bias = bias_grad_sum(grad_out)
     grad_x = grad_w = None
     if need_x or need_weight:
-        grad_x, grad_w = conv2d_grad(grad, x, weight, ctx.padding, need_x, need_weight)
+        grad_x, grad_w = call(conv2d_grad, grad, x, weight, ctx.padding, need_x, need_weight)
     return (
         grad_x if need_x else None, grad_w if need_weight else None,
         grad_bias if need_bias else None, None, None, None,
     )  # fmt: skip
 
 
-conv2d_relu.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(conv2d_relu, _backward, _setup_context)
 autocast_to_lower_precision("conv2d_relu")

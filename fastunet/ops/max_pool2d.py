@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fastunet.ops._backend import choose, native_extension
 from fastunet.ops._common import check_activation, memory_format_of, refuse_forward_ad
+from fastunet.ops._eager import call, custom_op, register_autograd
 
 OP = "max_pool2d"
 
@@ -58,7 +59,7 @@ def _run_native(name: str, full: Tensor, *pointers: int) -> None:
         getattr(ext, f"{name}_cpu")(*args, torch.get_num_threads())
 
 
-@torch.library.custom_op("fastunet::max_pool2d_with_argmax", mutates_args=())
+@custom_op("max_pool2d_with_argmax")
 def max_pool2d_with_argmax(x: Tensor) -> tuple[Tensor, Tensor]:
     """2x2 max-pool; returns (output, argmax) where argmax is the uint8 window position."""
     shape = _check(x)
@@ -102,7 +103,7 @@ def _check_backward(grad_out: Tensor, argmax: Tensor, input_height: int, input_w
         )
 
 
-@torch.library.custom_op("fastunet::max_pool2d_backward", mutates_args=())
+@custom_op("max_pool2d_backward")
 def max_pool2d_backward(
     grad_out: Tensor, argmax: Tensor, input_height: int, input_width: int
 ) -> Tensor:
@@ -144,12 +145,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_argmax):
     (argmax,) = ctx.saved_tensors
-    return max_pool2d_backward(grad_out, argmax, *ctx.input_size)
+    return call(max_pool2d_backward, grad_out, argmax, *ctx.input_size)
 
 
-max_pool2d_with_argmax.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(max_pool2d_with_argmax, _backward, _setup_context)
 
 
 def max_pool2d(x: Tensor) -> Tensor:
     """`F.max_pool2d(x, 2)`; its backward saves one byte per output element."""
-    return max_pool2d_with_argmax(x)[0]
+    return call(max_pool2d_with_argmax, x)[0]

@@ -25,6 +25,7 @@ from fastunet.ops._common import (
     kernel_device,
     refuse_forward_ad,
 )
+from fastunet.ops._eager import call, custom_op, register_autograd
 
 OP = "upsample_concat"
 MODES = ("nearest", "bilinear")
@@ -70,7 +71,7 @@ def _interpolate(x: Tensor, size, mode: str, align_corners: bool) -> Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
 
 
-@torch.library.custom_op("fastunet::upsample_concat", mutates_args=())
+@custom_op("upsample_concat")
 def upsample_concat(
     x: Tensor,
     skip: Tensor,
@@ -104,7 +105,7 @@ def _(x, skip, mode="nearest", align_corners=False, skip_first=True):
     return empty_channels_last(_check(x, skip, mode, align_corners), skip)
 
 
-@torch.library.custom_op("fastunet::upsample_grad", mutates_args=())
+@custom_op("upsample_grad")
 def upsample_grad(
     grad_up: Tensor, input_height: int, input_width: int, mode: str, align_corners: bool
 ) -> Tensor:
@@ -148,9 +149,9 @@ def _backward(ctx, grad_out):
     grad_skip, grad_up = _parts(grad_out, *ctx.channels)
     grad_x = None
     if need_x:
-        grad_x = upsample_grad(grad_up, *ctx.x_size, ctx.mode, ctx.align_corners)
+        grad_x = call(upsample_grad, grad_up, *ctx.x_size, ctx.mode, ctx.align_corners)
     return grad_x, grad_skip if need_skip else None, None, None, None
 
 
-upsample_concat.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(upsample_concat, _backward, _setup_context)
 autocast_to_widest("upsample_concat")

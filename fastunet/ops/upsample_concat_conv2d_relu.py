@@ -20,6 +20,7 @@ from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from fastunet.ops._backend import choose
 from fastunet.ops._common import autocast_to_lower_precision, empty_channels_last, kernel_device
+from fastunet.ops._eager import call, custom_op, register_autograd
 from fastunet.ops.conv2d_relu import (
     bias_grad_sum,
     check_conv,
@@ -56,7 +57,7 @@ def _triton_kernels(t: Tensor):
     return kernels
 
 
-@torch.library.custom_op("fastunet::upsample_concat_conv2d_relu", mutates_args=())
+@custom_op("upsample_concat_conv2d_relu")
 def upsample_concat_conv2d_relu(
     x: Tensor,
     skip: Tensor,
@@ -74,8 +75,8 @@ def upsample_concat_conv2d_relu(
         with kernel_device(x):
             concat = (skip, mode, align_corners)
             return kernels.forward(x, weight, bias, padding, relu, concat)
-    concat = upsample_concat(x, skip, mode, align_corners)
-    return conv2d_relu(concat, weight, bias, padding, relu)
+    concat = call(upsample_concat, x, skip, mode, align_corners)
+    return call(conv2d_relu, concat, weight, bias, padding, relu)
 
 
 @upsample_concat_conv2d_relu.register_fake
@@ -83,7 +84,7 @@ def _(x, skip, weight, bias=None, padding=1, relu=True, mode="nearest", align_co
     return empty_channels_last(_check(x, skip, weight, bias, padding, mode, align_corners), x)
 
 
-@torch.library.custom_op("fastunet::upsample_concat_conv2d_grad", mutates_args=())
+@custom_op("upsample_concat_conv2d_grad")
 def upsample_concat_conv2d_grad(
     grad: Tensor,
     x: Tensor,
@@ -99,8 +100,8 @@ def upsample_concat_conv2d_grad(
     conv2d_grad: the Triton grad_weight reads the concat through skip and the upsampled x; the
     composite makes the concat and one convolution_backward call."""
     if not (kernels := _triton_kernels(grad)):
-        concat = upsample_concat(x, skip, mode, align_corners)
-        return conv2d_grad(grad, concat, weight, padding, need_input, need_weight)
+        concat = call(upsample_concat, x, skip, mode, align_corners)
+        return call(conv2d_grad, grad, concat, weight, padding, need_input, need_weight)
     with kernel_device(grad):
         grad_concat = grad_w = grad.new_empty(0)
         if need_input:
@@ -144,7 +145,7 @@ def _backward(ctx, grad_out):
     need_bias = ctx.has_bias and ctx.needs_input_grad[3]
     grad_bias = None
     if ctx.relu:
-        grad, grad_bias = conv2d_relu_grad_output(grad_out, out)
+        grad, grad_bias = call(conv2d_relu_grad_output, grad_out, out)
     else:
         grad = grad_out
         if need_bias:
@@ -152,22 +153,21 @@ def _backward(ctx, grad_out):
     grad_x = grad_skip = grad_w = None
     need_concat = need_x or need_skip
     if need_concat or need_weight:
-        grad_concat, grad_w = upsample_concat_conv2d_grad(
-            grad, x, skip, weight, ctx.padding, ctx.mode, ctx.align_corners, need_concat,
-            need_weight,
+        grad_concat, grad_w = call(
+            upsample_concat_conv2d_grad, grad, x, skip, weight, ctx.padding, ctx.mode,
+            ctx.align_corners, need_concat, need_weight,
         )  # fmt: skip
     if need_concat:
         c_skip = skip.shape[1]
         if need_skip:
             grad_skip = grad_concat[:, :c_skip]
         if need_x:
-            grad_x = upsample_grad(
-                grad_concat[:, c_skip:], x.shape[2], x.shape[3], ctx.mode, ctx.align_corners
-            )
+            grad_up = grad_concat[:, c_skip:]
+            grad_x = call(upsample_grad, grad_up, *x.shape[2:], ctx.mode, ctx.align_corners)
     grad_w = grad_w if need_weight else None
     grad_bias = grad_bias if need_bias else None
     return grad_x, grad_skip, grad_w, grad_bias, None, None, None, None
 
 
-upsample_concat_conv2d_relu.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(upsample_concat_conv2d_relu, _backward, _setup_context)
 autocast_to_lower_precision(OP)

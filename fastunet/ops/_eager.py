@@ -1,0 +1,127 @@
+"""Calls of fastunet's ops past PyTorch's dispatcher, where nothing could tell the difference.
+
+A torch.library.custom_op call goes from Python into the dispatcher and back out to Python,
+once for the autograd kernel and again for the implementation, through argument checks and
+default filling on each side. Measured on a 2-core x86 CPU (torch 2.13, 2026-12-07), a 3x3
+conv2d_relu on a 1x8x8x8 input took 29 us as a plain function, 46 us as the custom op without
+gradients and 71 us with them: on a GPU at small batch, that host time is as long as the
+kernels, and a UNet step makes about 30 op calls forward and 50 backward.
+
+`call(op, *args)` runs the op's own function directly when the call is plain eager PyTorch:
+plain tensors (no subclass, no fake tensor) on the CPU or a GPU, and no torch.compile, jit trace,
+functorch transform (vmap, grad, functionalize), dispatch mode (FlopCounterMode, FakeTensorMode,
+export's tracers) or torch-function mode. Where gradients are recorded it runs under an
+autograd.Function with the op's own setup_context and backward; under autocast it casts first,
+by the op's own autocast rule; under the profiler, the call is a range named like the op. In
+every other case it calls the op through the dispatcher, as registered, so that whatever is
+watching sees the op itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fastunet.ops._common import AUTOCAST_RULES, cast_floating, in_functorch_transform
+
+PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+@dataclass
+class EagerOp:
+    name: str
+    function: Callable
+    # Each parameter's default (inspect.Parameter.empty for a required one): the dispatcher
+    # hands setup_context every argument, so a call here fills in those left out.
+    defaults: tuple
+    required: int
+    autograd: type[torch.autograd.Function] | None = None
+
+
+_EAGER: dict[object, EagerOp] = {}
+
+
+def custom_op(name: str) -> Callable:
+    """`torch.library.custom_op("fastunet::<name>", mutates_args=())`, whose function `call`
+    can then run directly."""
+
+    def register(function: Callable):
+        op = torch.library.custom_op(f"fastunet::{name}", mutates_args=())(function)
+        defaults = tuple(p.default for p in inspect.signature(function).parameters.values())
+        required = sum(d is inspect.Parameter.empty for d in defaults)
+        _EAGER[op] = EagerOp(name, function, defaults, required)
+        return op
+
+    return register
+
+
+def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
+    """`op.register_autograd(backward, setup_context=setup_context)`, and the same formula as
+    an autograd.Function for `call`."""
+    op.register_autograd(backward, setup_context=setup_context)
+    eager = _EAGER[op]
+
+    # With ctx as forward's first argument: a Function that defines setup_context instead binds
+    # its arguments to forward's signature on every call, which costs more than the dispatcher.
+    def forward(ctx, *args):
+        output = eager.function(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    eager.autograd = type(
+        f"Eager_{eager.name}",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+    )
+
+
+def _plain_eager(args: tuple) -> bool:
+    """Nothing but PyTorch's eager autograd and autocast would see the call (see above)."""
+    return (
+        not torch._C._len_torch_dispatch_stack()
+        and not torch._C._is_torch_function_mode_enabled()
+        and not torch.jit.is_tracing()
+        and not in_functorch_transform()
+        and args[0].device.type in DEVICE_TYPES
+        and all(type(a) in PLAIN_TENSORS for a in args if isinstance(a, Tensor))
+    )
+
+
+def call(op: Callable, *args):
+    """`op(*args)`, without the dispatcher's round trips where the call is plain eager
+    PyTorch; `op` may also be a plain function, which is simply called."""
+    if torch.compiler.is_compiling():  # first: what follows is not for Dynamo to trace
+        return op(*args)
+    eager = _EAGER.get(op)
+    if eager is None or len(args) < eager.required or not _plain_eager(args):
+        return op(*args)
+    args += eager.defaults[len(args) :]
+    if torch._C._autograd._profiler_enabled():
+        with torch.profiler.record_function(f"fastunet::{eager.name}"):
+            return _autocast_then_run(op, eager, args)
+    return _autocast_then_run(op, eager, args)
+
+
+def _autocast_then_run(op, eager: EagerOp, args: tuple):
+    device_type = args[0].device.type
+    rule = AUTOCAST_RULES.get(eager.name)
+    if rule is None or not torch.is_autocast_enabled(device_type):
+        return _run(op, eager, args)
+    # As the op's autocast kernel: cast, then run with autocast off. The casts are recorded by
+    # autograd, so gradients reach the inputs in their own dtype.
+    dtype = rule(args, device_type)
+    with torch.autocast(device_type, enabled=False):
+        return _run(op, eager, cast_floating(args, device_type, dtype))
+
+
+def _run(op, eager: EagerOp, args: tuple):
+    if not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+        return eager.function(*args)
+    if eager.autograd is None:  # the dispatcher says what an op without a formula does
+        return op(*args)
+    return eager.autograd.apply(*args)
