@@ -7,6 +7,7 @@ from helpers import (
     KERNEL_DEVICE,
     UNET_AXES,
     UPSAMPLE_MODES,
+    assert_same_bits,
     backend_device,
     drawn,
     in_layout,
@@ -290,3 +291,45 @@ def test_drawn_models_match_the_reference(
     size = unet_size(depth, axes)
     x = in_layout(torch.randn(batch, in_channels, *size, device=device), layout)
     assert_same_results(reference.to(device), fast.to(device), x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("upsample", ["nearest", "bilinear"])
+def test_a_cuda_graph_replays_unet_as_eager_runs_it(kernels_backend, upsample, training):
+    """At batch 1 the host's time per op can pass the GPU's; a CUDA graph (torch.cuda.graph, or
+    torch.compile(mode="reduce-overhead")) launches a whole step at once. After a warm-up on a
+    side stream (tiles tuned, choices and axis tables cached), a step captures: every launch on
+    the capturing stream, no host copy or sync. Its replay on a new input gives eager's bits,
+    forward and every weight gradient."""
+    model = UNet(3, 2, base_channels=8, depth=3, upsample=upsample).to(KERNEL_DEVICE)
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 40, 36, device=KERNEL_DEVICE)
+    grad_out = torch.randn(1, 2, 40, 36, device=KERNEL_DEVICE)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(training):
+            out = model(x)
+        if training:
+            out.backward(grad_out)
+        return out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = step()
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed_grads = [p.grad.clone() for p in model.parameters()] if training else []
+    replayed = replayed.clone()
+    expected = step()
+    assert_same_bits(replayed, expected)
+    for replayed_grad, p in zip(replayed_grads, model.parameters(), strict=True):
+        assert_same_bits(replayed_grad, p.grad)
