@@ -18,3 +18,16 @@ def cudnn_convolves() -> bool:
     """Whether PyTorch's CUDA convolutions run on cuDNN now (else on its own kernels, whose
     matrix products are cuBLAS's): built with it, and not turned off."""
     return CUDNN_BUILT and torch.backends.cudnn.enabled
+
+
+# Host-side grid arithmetic. triton.cdiv and triton.next_power_of_2 are constexpr functions,
+# whose every call from Python costs 2-3 us (Triton 3.6 and 3.9, 2-core x86 CPU, 2026-12-07):
+# a conv layer's training step made about 13 of them.
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for a >= 0, b > 0."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n, for n >= 1."""
+    return 1 << (n - 1).bit_length()

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastunet.kernels import INTERPRET, cudnn_convolves
+from fastunet.kernels import INTERPRET, cdiv, cudnn_convolves, next_power_of_2
 from fastunet.kernels.upsample_concat import axis_tables, bilinear_blend
 
 # Tile sizes used under TRITON_INTERPRET (autotuning needs a GPU): few, large programs run fastest.
@@ -74,9 +74,9 @@ SPLIT_GRANULE = 256
 def _fits(config, n_size, k_size, element_size):
     """Drop tiles much wider than the problem and those whose pipeline overflows shared memory."""
     kw = config.kwargs
-    if kw["BLOCK_N"] > max(16, triton.next_power_of_2(n_size)):
+    if kw["BLOCK_N"] > max(16, next_power_of_2(n_size)):
         return False
-    if kw["BLOCK_K"] > max(16, triton.next_power_of_2(k_size)):
+    if kw["BLOCK_K"] > max(16, next_power_of_2(k_size)):
         return False
     stage_bytes = (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * element_size
     return stage_bytes * config.num_stages <= 160 * 1024
@@ -493,8 +493,8 @@ def _launch_conv(x, weight_khwc, bias, out, pad_h, pad_w, relu, concat=None, neg
     tiles = INTERPRETER_TILES | dict(GROUP_M=8) if INTERPRET else {}
 
     def grid(meta):
-        m_tiles = triton.cdiv(n * h_out * w_out, meta["BLOCK_M"])
-        return (m_tiles * triton.cdiv(c_out, meta["BLOCK_N"]),)
+        m_tiles = cdiv(n * h_out * w_out, meta["BLOCK_M"])
+        return (m_tiles * cdiv(c_out, meta["BLOCK_N"]),)
 
     _conv2d_kernel[grid](
         x, weight_khwc, bias if bias is not None else x, out,
@@ -558,8 +558,8 @@ def _multiprocessors(device: torch.device) -> int:
 
 def _split_count(m: int, tiles: int, device: torch.device) -> int:
     """Reduction slices so that about four programs per multiprocessor run, each >= 1 granule."""
-    wanted = triton.cdiv(4 * _multiprocessors(device), tiles)
-    return max(1, min(wanted, triton.cdiv(m, SPLIT_GRANULE)))
+    wanted = cdiv(4 * _multiprocessors(device), tiles)
+    return max(1, min(wanted, cdiv(m, SPLIT_GRANULE)))
 
 
 def grad_weight(
@@ -576,16 +576,16 @@ def grad_weight(
         return torch.zeros((c_out, c_in, kh, kw), dtype=grad.dtype, device=grad.device)
     _check_image_size(x)
     # Tile count at 64x64 sets the split; it must not depend on the autotuned tile.
-    tiles = triton.cdiv(c_out, 64) * kh * kw * triton.cdiv(c_in, 64)
+    tiles = cdiv(c_out, 64) * kh * kw * cdiv(c_in, 64)
     split = _split_count(m, tiles, x.device)
-    m_per_split = triton.cdiv(triton.cdiv(m, split), SPLIT_GRANULE) * SPLIT_GRANULE
-    split = triton.cdiv(m, m_per_split)
+    m_per_split = cdiv(cdiv(m, split), SPLIT_GRANULE) * SPLIT_GRANULE
+    split = cdiv(m, m_per_split)
     partial = torch.empty((split, c_out, kh * kw * c_in), dtype=torch.float32, device=x.device)
     tiles = INTERPRETER_TILES if INTERPRET else {}
 
     def grid(meta):
-        c_blocks = triton.cdiv(c_in, meta["BLOCK_K"])
-        return (triton.cdiv(c_out, meta["BLOCK_N"]) * kh * kw * c_blocks, split)
+        c_blocks = cdiv(c_in, meta["BLOCK_K"])
+        return (cdiv(c_out, meta["BLOCK_N"]) * kh * kw * c_blocks, split)
 
     _conv2d_grad_weight_kernel[grid](
         grad, x, partial,
@@ -610,10 +610,10 @@ def relu_grad(grad_out, out, negative_slope: float = 0.0) -> tuple[torch.Tensor,
     m = n * h * w
     if m == 0:
         return grad, torch.zeros(c, dtype=out.dtype, device=out.device)
-    block_c = min(128, triton.next_power_of_2(c))
-    m_blocks = triton.cdiv(m, RELU_GRAD_BLOCK_M)
+    block_c = min(128, next_power_of_2(c))
+    m_blocks = cdiv(m, RELU_GRAD_BLOCK_M)
     partial = torch.empty((m_blocks, c), dtype=torch.float32, device=out.device)
-    _relu_grad_kernel[(m_blocks, triton.cdiv(c, block_c))](
+    _relu_grad_kernel[(m_blocks, cdiv(c, block_c))](
         grad_out, out, grad, partial, m, c, float(negative_slope),
         LEAKY=negative_slope > 0, BLOCK_M=RELU_GRAD_BLOCK_M, BLOCK_C=block_c,
     )  # fmt: skip

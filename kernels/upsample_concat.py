@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastunet.kernels import cdiv, next_power_of_2
+
 # Elements one program handles: enough to hide memory latency on an H100 and to amortise the
 # per-pixel index math over the channels; channels are the contiguous axis of channels_last.
 ELEMENTS_PER_PROGRAM = 4096
@@ -90,7 +92,7 @@ def axis_tables(
 
 def _block_sizes(channels: int) -> tuple[int, int]:
     """(pixels, channels) per program: channels as wide as they go, pixels to fill the rest."""
-    block_channels = min(triton.next_power_of_2(channels), MAX_BLOCK_CHANNELS)
+    block_channels = min(next_power_of_2(channels), MAX_BLOCK_CHANNELS)
     return ELEMENTS_PER_PROGRAM // block_channels, block_channels
 
 
@@ -288,10 +290,8 @@ def upsample_concat_forward(
     cols = axis_tables(in_width, out_width, mode, align_corners, x.device)
     num_pixels = n * out_height * out_width
     block_pixels, block_channels = _block_sizes(max(skip_channels, x_channels))
-    num_channel_blocks = triton.cdiv(skip_channels, block_channels) + triton.cdiv(
-        x_channels, block_channels
-    )
-    grid = (triton.cdiv(num_pixels, block_pixels) * num_channel_blocks,)
+    num_channel_blocks = cdiv(skip_channels, block_channels) + cdiv(x_channels, block_channels)
+    grid = (cdiv(num_pixels, block_pixels) * num_channel_blocks,)
     _upsample_concat_forward_kernel[grid](
         x, skip, out,
         rows.src0, rows.src1, rows.lambda0, rows.lambda1,
@@ -322,7 +322,7 @@ def upsample_backward(
     cols = axis_tables(in_width, out_width, mode, align_corners, grad_up.device)
     num_pixels = n * in_height * in_width
     block_pixels, block_channels = _block_sizes(channels)
-    grid = (triton.cdiv(num_pixels, block_pixels) * triton.cdiv(channels, block_channels),)
+    grid = (cdiv(num_pixels, block_pixels) * cdiv(channels, block_channels),)
     _upsample_backward_kernel[grid](
         grad_up, out,
         rows.src0, rows.src1, rows.lambda0, rows.lambda1, rows.first, rows.count,

@@ -327,3 +327,16 @@ def test_every_autotuned_tile(kernel_name, config, monkeypatch):
         x, weight, bias = make_case(2, 67, 37, 13, 11, 3, True, dtype, KERNEL_DEVICE,
                                     "channels_last")  # fmt: skip
         check_against_float64(x, weight, bias, 1, True)
+
+
+def test_host_grid_arithmetic_matches_tritons():
+    """kernels.cdiv and kernels.next_power_of_2 stand in for Triton's on the host, where each
+    call of those costs microseconds."""
+    import triton
+
+    sizes = [*range(0, 300), 2**31 - 1, 2**31, 3 * 2**40 + 5]
+    for a in sizes:
+        for b in (1, 2, 3, 7, 16, 64, 128, 1000):
+            assert kernels.cdiv(a, b) == triton.cdiv(a, b), (a, b)
+    for n in [*range(1, 5000), 2**31 - 1, 2**31, 2**31 + 1, 3 * 2**40]:
+        assert kernels.next_power_of_2(n) == triton.next_power_of_2(n), n
