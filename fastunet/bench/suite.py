@@ -25,6 +25,7 @@ from fastunet.bench.timing import ceilings, compare_ms, peak_memory_mb
 from fastunet.info import info
 from fastunet.ops import _choice
 from fastunet.ops._backend import choose
+from fastunet.ops._eager import call
 
 INPUT_SETS = 3
 GPU_ONLY = "needs a CUDA device"
@@ -145,7 +146,7 @@ def _conv_bench(s: ConvShape, dtype, device) -> OpBench:
 
     return OpBench(
         "conv2d_relu", s, inputs, 3,
-        lambda x, w, b: ops.conv2d_relu(x, w, b, s.padding, s.relu), eager,
+        lambda x, w, b: call(ops.conv2d_relu, x, w, b, s.padding, s.relu), eager,
         lambda size, backward: counts.conv_counts(s, size, backward),
     )  # fmt: skip
 
@@ -176,7 +177,7 @@ def _upsample_bench(s: UpsampleShape, dtype, device, mode: str) -> OpBench:
 
     return OpBench(
         "upsample_concat", s, inputs, 2,
-        lambda x, skip: ops.upsample_concat(x, skip, mode), eager,
+        lambda x, skip: call(ops.upsample_concat, x, skip, mode), eager,
         lambda size, backward: counts.upsample_counts(s, size, backward),
     )  # fmt: skip
 
