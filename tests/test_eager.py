@@ -171,3 +171,44 @@ def test_the_profiler_shows_each_eager_call_under_its_ops_name():
 def test_a_call_missing_an_argument_gets_the_ops_own_error():
     with pytest.raises(RuntimeError, match="missing value for argument 'weight'"):
         call(ops.conv2d_relu, torch.randn(1, 3, 4, 4))
+
+
+def test_tensors_the_dispatcher_resolves_first_go_through_it(backend):
+    """A lazy negation (a neg view) and a ZeroTensor (a gradient without memory, as sgn's
+    backward gives) would reach the kernels' raw pointers as they are: the dispatcher turns
+    them into plain tensors first. Before, the negation was dropped and the ZeroTensor crashed
+    the process."""
+    x = torch.randn(1, 2, 4, 6, device=backend_device(backend))
+    pooled, _ = call(ops.max_pool2d_with_argmax, torch._neg_view(x))
+    assert torch.equal(pooled, ops.max_pool2d(-x))
+    leaf = x.clone().requires_grad_()
+    torch.sgn(call(ops.max_pool2d_with_argmax, leaf)[0]).sum().backward()
+    assert torch.equal(leaf.grad, torch.zeros_like(x))
+
+
+def test_where_autograd_is_excluded_nothing_is_recorded():
+    """inference_mode (even with grad mode on inside it) and a custom op's own kernel exclude
+    autograd: the dispatcher records nothing there, and neither does call."""
+    x = torch.randn(1, 3, 4, 4)
+    w = torch.randn(2, 3, 3, 3, requires_grad=True)
+    with torch.inference_mode(), torch.enable_grad():
+        out = call(ops.conv2d_relu, x, w)
+    assert out.is_inference() and not out.requires_grad
+    with torch._C._AutoDispatchBelowAutograd():
+        out = call(ops.conv2d_relu, x, w)
+    assert not out.requires_grad
+    assert torch.equal(out, ops.conv2d_relu(x, w).detach())
+
+
+def test_an_fx_trace_records_the_op():
+    graph = torch.fx.symbolic_trace(ops.max_pool2d).graph
+    assert "fastunet.max_pool2d_with_argmax" in str([node.target for node in graph.nodes])
+
+
+@pytest.mark.parametrize("first", [None, 1.0, "x"])
+def test_a_wrong_first_argument_gets_the_ops_own_error(first):
+    with pytest.raises(Exception) as expected:
+        ops.conv2d_relu(first, torch.randn(2, 3, 3, 3))
+    with pytest.raises(type(expected.value)) as got:
+        call(ops.conv2d_relu, first, torch.randn(2, 3, 3, 3))
+    assert str(got.value) == str(expected.value)

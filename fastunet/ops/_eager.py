@@ -8,13 +8,19 @@ gradients and 71 us with them: on a GPU at small batch, that host time is as lon
 kernels, and a UNet step makes about 30 op calls forward and 50 backward.
 
 `call(op, *args)` runs the op's own function directly when the call is plain eager PyTorch:
-plain tensors (no subclass, no fake tensor) on the CPU or a GPU, and no torch.compile, jit trace,
-functorch transform (vmap, grad, functionalize), dispatch mode (FlopCounterMode, FakeTensorMode,
-export's tracers) or torch-function mode. Where gradients are recorded it runs under an
-autograd.Function with the op's own setup_context and backward; under autocast it casts first,
-by the op's own autocast rule; under the profiler, the call is a range named like the op. In
-every other case it calls the op through the dispatcher, as registered, so that whatever is
-watching sees the op itself.
+plain tensors (of class Tensor or Parameter; no subclass, fake tensor, fx proxy, lazy negation,
+ZeroTensor or functionalization wrapper, which the dispatcher would resolve first) on the CPU or
+a GPU, and no torch.compile, jit trace, functorch transform (vmap, grad, functionalize), dispatch
+mode (FlopCounterMode, FakeTensorMode, export's tracers) or torch-function mode (which
+`torch.set_default_device` installs). Where autograd records (grad mode on, an input that
+requires grad, autograd not excluded as in inference_mode) it runs under an autograd.Function
+with the op's own setup_context and backward; under autocast it casts first, by the op's own
+rule; under the profiler, the call is a range named like the op. In every other case it calls
+the op through the dispatcher, as registered, so that whatever is watching sees the op itself.
+
+The callers pass arguments of the op's schema types: the dispatcher's conversions (a bool for
+an int) and checks are not made here. The ops register their function, formula and autocast
+rule once, through `custom_op`, `register_autograd` and `fastunet.ops._common`.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from fastunet.ops._common import AUTOCAST_RULES, cast_floating, in_functorch_tra
 
 PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 DEVICE_TYPES = ("cpu", "cuda")
+AUTOGRAD = torch._C.DispatchKey.AutogradFunctionality
 
 
 @dataclass
@@ -52,7 +59,10 @@ def custom_op(name: str) -> Callable:
 
     def register(function: Callable):
         op = torch.library.custom_op(f"fastunet::{name}", mutates_args=())(function)
-        defaults = tuple(p.default for p in inspect.signature(function).parameters.values())
+        parameters = inspect.signature(function).parameters.values()
+        if any(p.kind != p.POSITIONAL_OR_KEYWORD for p in parameters):
+            raise TypeError(f"fastunet::{name}: `call` passes every argument by position")
+        defaults = tuple(p.default for p in parameters)
         required = sum(d is inspect.Parameter.empty for d in defaults)
         _EAGER[op] = EagerOp(name, function, defaults, required)
         return op
@@ -80,16 +90,24 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
     )
 
 
-def _plain_eager(args: tuple) -> bool:
-    """Nothing but PyTorch's eager autograd and autocast would see the call (see above)."""
-    return (
-        not torch._C._len_torch_dispatch_stack()
-        and not torch._C._is_torch_function_mode_enabled()
-        and not torch.jit.is_tracing()
-        and not in_functorch_transform()
-        and args[0].device.type in DEVICE_TYPES
-        and all(type(a) in PLAIN_TENSORS for a in args if isinstance(a, Tensor))
+def _plain(t: Tensor) -> bool:
+    return type(t) in PLAIN_TENSORS and not (
+        t.is_neg() or torch._is_zerotensor(t) or torch._is_functional_tensor(t)
     )
+
+
+def _plain_eager_device(args: tuple) -> str | None:
+    """The device type of a plain eager call (see above), else None."""
+    if (
+        torch._C._has_torch_function(args)  # a torch-function mode or subclass
+        or torch._C._len_torch_dispatch_stack()
+        or torch.jit.is_tracing()
+        or in_functorch_transform()
+        or not all(_plain(a) for a in args if isinstance(a, Tensor))
+    ):
+        return None
+    device_type = args[0].device.type
+    return device_type if device_type in DEVICE_TYPES else None
 
 
 def call(op: Callable, *args):
@@ -98,17 +116,19 @@ def call(op: Callable, *args):
     if torch.compiler.is_compiling():  # first: what follows is not for Dynamo to trace
         return op(*args)
     eager = _EAGER.get(op)
-    if eager is None or len(args) < eager.required or not _plain_eager(args):
+    if eager is None or len(args) < eager.required or not isinstance(args[0], Tensor):
+        return op(*args)
+    device_type = _plain_eager_device(args)
+    if device_type is None:
         return op(*args)
     args += eager.defaults[len(args) :]
     if torch._C._autograd._profiler_enabled():
         with torch.profiler.record_function(f"fastunet::{eager.name}"):
-            return _autocast_then_run(op, eager, args)
-    return _autocast_then_run(op, eager, args)
+            return _autocast_then_run(op, eager, args, device_type)
+    return _autocast_then_run(op, eager, args, device_type)
 
 
-def _autocast_then_run(op, eager: EagerOp, args: tuple):
-    device_type = args[0].device.type
+def _autocast_then_run(op, eager: EagerOp, args: tuple, device_type: str):
     rule = AUTOCAST_RULES.get(eager.name)
     if rule is None or not torch.is_autocast_enabled(device_type):
         return _run(op, eager, args)
@@ -120,7 +140,13 @@ def _autocast_then_run(op, eager: EagerOp, args: tuple):
 
 
 def _run(op, eager: EagerOp, args: tuple):
-    if not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+    if not (
+        torch.is_grad_enabled()
+        and torch._C._any_requires_grad(*args)
+        # As the dispatcher skips autograd where it is excluded: inference_mode, or inside an
+        # op's own kernel (a user's custom op wrapping fastunet's layers).
+        and not torch._C._dispatch_tls_is_dispatch_key_excluded(AUTOGRAD)
+    ):
         return eager.function(*args)
     if eager.autograd is None:  # the dispatcher says what an op without a formula does
         return op(*args)
