@@ -86,6 +86,8 @@ def summarise(prof, steps: int, wall_ms: float) -> dict:
     host = defaultdict(list)
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
+            if event.is_user_annotation:  # a host range's span on the GPU, not a kernel
+                continue
             gpu[family(event.name)] += event.device_time / 1e3 / steps
             launches[family(event.name)] += 1
         elif event.name.startswith("fastunet::"):

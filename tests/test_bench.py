@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -337,3 +338,27 @@ def test_startup_parts_count_each_second_once():
     assert split["triton_compile_s"] == 4 and split["triton_compile_calls"] == 2
     assert split["autotune_timing_s"] == 3 and split["autotune_timing_calls"] == 1
     assert split["choice_timing_s"] == 0 and split["other_s"] == 5
+
+
+def test_the_profile_counts_kernels_not_the_ops_ranges_on_the_gpu():
+    """A layer's op call is a profiler range named fastunet::<op> (fastunet.ops._eager), which
+    the profiler also shows on the GPU as a user annotation spanning the op's kernels: counted,
+    it doubled the GPU time and fell in the _C max-pool's family."""
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(name, device_type, annotation, ms):
+        return SimpleNamespace(name=name, device_type=device_type, is_user_annotation=annotation,
+                               device_time=1e3 * ms, cpu_time_total=1e3 * ms)  # fmt: skip
+
+    events = [
+        event("fastunet::conv2d_relu", cpu, True, 0.05),
+        event("fastunet::conv2d_relu", cuda, True, 2.0),
+        event("_conv2d_kernel", cuda, False, 1.5),
+    ]
+    summary = benchmark_script("profile_model").summarise(
+        SimpleNamespace(events=lambda: events), steps=1, wall_ms=4.0
+    )
+    assert summary["gpu_ms_per_step"] == {"fastunet conv (fwd, grad_input)": 1.5}
+    assert summary["launches_per_step"] == {"fastunet conv (fwd, grad_input)": 1}
+    host = summary["host_ms_per_op_call"]["fastunet::conv2d_relu"]
+    assert host == {"calls_per_step": 1, "median_ms": 0.05}
