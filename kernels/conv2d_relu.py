@@ -174,6 +174,52 @@ def _autotune(configs, key):
     return tune
 
 
+# The tile each autotuned kernel picked, by its tuning key and dtypes, with the config list it
+# was picked from (tests swap a kernel's list).
+_picked: dict[tuple, tuple[list, triton.Config]] = {}
+
+
+@functools.cache
+def _key_positions(kernel, positional: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Where kernel's tuning key arguments are in a launch with this many positional arguments:
+    (their indices there, the names of those passed by keyword)."""
+    indices = {name: kernel.arg_names.index(name) for name in kernel.keys}
+    return (
+        tuple(i for i in indices.values() if i < positional),
+        tuple(name for name, i in indices.items() if i >= positional),
+    )
+
+
+def _launch(kernel, grid, args: tuple, constexprs: dict, dtypes: tuple) -> None:
+    """`kernel[grid](*args, **constexprs)`. Once an autotuned kernel has picked its tile for
+    this key, the tile launches directly: Triton's Autotuner.run rebuilds its key from every
+    argument at each launch, 27-30 us of host time for these kernels (Triton 3.6 and 3.9, 2-core
+    x86 CPU, the launch itself stubbed out), as long as a small layer's kernel runs; this, 5 us.
+    `dtypes`: those of the launch's data tensors (the others' are fixed), as the autotuner's key
+    holds every tensor's dtype."""
+    if INTERPRET:  # no autotuner: the launcher passes the interpreter's tile
+        kernel[grid](*args, **constexprs)
+        return
+    configs = kernel.configs
+    if len(configs) == 1:
+        config = configs[0]
+    else:
+        indices, names = _key_positions(kernel, len(args))
+        key = (kernel, *[args[i] for i in indices], *[constexprs[n] for n in names], *dtypes)
+        picked = _picked.get(key)
+        if picked is None or picked[0] is not configs:
+            kernel.best_config = None
+            kernel[grid](*args, **constexprs)
+            if isinstance(kernel.best_config, triton.Config):  # what it picked and launched
+                _picked[key] = (configs, kernel.best_config)
+            return
+        config = picked[1]
+    if config.pre_hook is not None:
+        kernel[grid](*args, **constexprs)
+        return
+    kernel.fn.run(*args, grid=grid, warmup=False, **constexprs, **config.all_kwargs())
+
+
 @triton.jit
 def _pixel_coordinates(offs_m, H_OUT, W_OUT):
     ow = offs_m % W_OUT
@@ -496,14 +542,19 @@ def _launch_conv(x, weight_khwc, bias, out, pad_h, pad_w, relu, concat=None, neg
         m_tiles = cdiv(n * h_out * w_out, meta["BLOCK_M"])
         return (m_tiles * cdiv(c_out, meta["BLOCK_N"]),)
 
-    _conv2d_kernel[grid](
+    args = (
         x, weight_khwc, bias if bias is not None else x, out,
         n, h, w, c_in, h_out, w_out, c_out,
         x.stride(0), x.stride(2), x.stride(3),
         pad_h, pad_w, float(negative_slope), *concat_arguments,
+    )  # fmt: skip
+    constexprs = dict(
         KH=kh, KW=kw, HAS_BIAS=bias is not None, RELU=relu, LEAKY=negative_slope > 0,
         INPUT_PRECISION=_input_precision(x), UPSAMPLE=upsample, **tiles,
     )  # fmt: skip
+    skip = concat_arguments[0]
+    dtypes = (x.dtype, weight_khwc.dtype, bias is not None and bias.dtype, out.dtype, skip.dtype)
+    _launch(_conv2d_kernel, grid, args, constexprs, dtypes)
     return out
 
 
@@ -587,13 +638,15 @@ def grad_weight(
         c_blocks = cdiv(c_in, meta["BLOCK_K"])
         return (cdiv(c_out, meta["BLOCK_N"]) * kh * kw * c_blocks, split)
 
-    _conv2d_grad_weight_kernel[grid](
+    args = (
         grad, x, partial,
         n, h, w, c_in, h_out, w_out, c_out,
         x.stride(0), x.stride(2), x.stride(3),
         padding, padding, m_per_split, *concat_arguments,
-        KH=kh, KW=kw, INPUT_PRECISION=_input_precision(x), UPSAMPLE=upsample, **tiles,
     )  # fmt: skip
+    constexprs = dict(KH=kh, KW=kw, INPUT_PRECISION=_input_precision(x), UPSAMPLE=upsample, **tiles)
+    dtypes = (grad.dtype, x.dtype, concat_arguments[0].dtype)
+    _launch(_conv2d_grad_weight_kernel, grid, args, constexprs, dtypes)
     total = partial[0] if split == 1 else partial.sum(0)
     return total.view(c_out, kh, kw, c_in).permute(0, 3, 1, 2).to(grad.dtype).contiguous()
 

@@ -5,6 +5,11 @@ UNet's real shapes in every dtype, against a float64 reference.
 """
 
 import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -340,3 +345,29 @@ def test_host_grid_arithmetic_matches_tritons():
             assert kernels.cdiv(a, b) == triton.cdiv(a, b), (a, b)
     for n in [*range(1, 5000), 2**31 - 1, 2**31, 2**31 + 1, 3 * 2**40]:
         assert kernels.next_power_of_2(n) == triton.next_power_of_2(n), n
+
+
+def test_a_tuned_launch_runs_the_picked_tile_without_the_autotuner():
+    """Triton's Autotuner.run costs 27-30 us of host time a launch; once it has picked a tile
+    for a key, the launchers launch that tile directly. Without a GPU (tests/tuned_launches.py):
+    the first launch of each key (shape, flags, dtype) goes through the autotuner, which times
+    each tile and launches its pick; the same key again launches that tile and nothing else; a
+    kernel given one config (as tests force a tile) runs it; a new config list is tuned from."""
+    script = Path(__file__).with_name("tuned_launches.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    launches = {line["launch"]: line for line in lines if "launch" in line}
+    for kernel in ("forward fp16", "grad_weight fp16"):
+        first, again = launches[f"{kernel} first"], launches[f"{kernel} again"]
+        assert first["autotuner_calls"] == 1 and len(first["runs"]) > 2, first  # timed, then ran
+        assert again["autotuner_calls"] == 0 and again["runs"] == first["runs"][-1:], again
+    for other in ("forward fp16 with bias", "forward fp32", "forward fp16, other width"):
+        assert launches[other]["autotuner_calls"] == 1 and len(launches[other]["runs"]) > 2, other
+    one_tile = launches["forward fp16, one tile"]
+    assert one_tile["autotuner_calls"] == 0
+    assert [run["tile"] for run in one_tile["runs"]] == [lines[-1]["last_tile"]]
+    assert launches["forward fp16, new list"]["autotuner_calls"] == 1
