@@ -362,3 +362,15 @@ def test_the_profile_counts_kernels_not_the_ops_ranges_on_the_gpu():
     assert summary["launches_per_step"] == {"fastunet conv (fwd, grad_input)": 1}
     host = summary["host_ms_per_op_call"]["fastunet::conv2d_relu"]
     assert host == {"calls_per_step": 1, "median_ms": 0.05}
+
+
+def test_host_overhead_runs_the_gpu_path_without_a_gpu():
+    """benchmarks/host_overhead.py: every layer on fastunet's kernels, only Triton's launch
+    stubbed out (its patches of Triton and of the backend choice still apply)."""
+    script = Path(__file__).parents[1] / "benchmarks" / "host_overhead.py"
+    arguments = ["--base", "4", "--depth", "2", "--size", "16", "--repeats", "2"]
+    done = subprocess.run([sys.executable, str(script), *arguments], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["forward_ms"] > 0 and result["training_step_ms"] > result["forward_ms"]
