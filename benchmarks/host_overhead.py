@@ -36,7 +36,7 @@ def stub_the_gpu() -> None:
     for kernel in (conv_kernels._conv2d_kernel, conv_kernels._conv2d_grad_weight_kernel):
         kernel.do_bench = lambda call, quantiles=None: (call(), [1.0, 1.0, 1.0])[1]
         kernel.cache_results = False  # Triton's disk cache is keyed by a GPU target
-    _backend._choose_triton = lambda device, dtype: _backend.TRITON
+    _backend._choose_triton = lambda device, dtype: _backend.Backend("triton", "stubbed")
 
 
 def median_ms(step, repeats: int) -> float:
