@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -177,6 +178,8 @@ def _autotune(configs, key):
 # The tile each autotuned kernel picked, by its tuning key and dtypes, with the config list it
 # was picked from (tests swap a kernel's list).
 _picked: dict[tuple, tuple[list, triton.Config]] = {}
+# One first launch at a time: each reads back the autotuner's best_config, which is shared.
+_picking = threading.Lock()
 
 
 @functools.cache
@@ -208,10 +211,11 @@ def _launch(kernel, grid, args: tuple, constexprs: dict, dtypes: tuple) -> None:
         key = (kernel, *[args[i] for i in indices], *[constexprs[n] for n in names], *dtypes)
         picked = _picked.get(key)
         if picked is None or picked[0] is not configs:
-            kernel.best_config = None
-            kernel[grid](*args, **constexprs)
-            if isinstance(kernel.best_config, triton.Config):  # what it picked and launched
-                _picked[key] = (configs, kernel.best_config)
+            with _picking:
+                kernel.best_config = None
+                kernel[grid](*args, **constexprs)
+                if isinstance(kernel.best_config, triton.Config):  # what it picked and ran
+                    _picked[key] = (configs, kernel.best_config)
             return
         config = picked[1]
     if config.pre_hook is not None:

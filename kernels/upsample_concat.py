@@ -60,13 +60,13 @@ def axis_tables(
         # compute_source_index_and_lambda copies an axis whose size does not change: src1 is src0
         # (weight 0), so a NaN or inf never leaks into a neighbour, forward or backward.
         src0 = src1 = dst.to(torch.int32)
-        lambda1 = torch.zeros(out_size)
+        lambda1 = torch.zeros(out_size, dtype=torch.float32)
     elif mode == "nearest":
         # nearest_neighbor_compute_source_index: min(floor(dst * (in / out)), in - 1).
         scale = _fp32(in_size) / _fp32(out_size)
         src0 = torch.floor(dst * scale).clamp_(max=in_size - 1).to(torch.int32)
         src1 = src0
-        lambda1 = torch.zeros(out_size)
+        lambda1 = torch.zeros(out_size, dtype=torch.float32)
     else:
         # area_pixel_compute_source_index (linear, not cubic).
         if align_corners:

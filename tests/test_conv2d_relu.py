@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from helpers import (
     AUTOTUNED,
+    AUTOTUNED_CONFIGS,
     AUTOTUNED_IDS,
     KERNEL_DEVICE,
     assert_kernel_backend,
@@ -248,6 +249,22 @@ def test_unet_shapes_bitwise_repeatable_on_gpu(dtype):
 
 
 @pytest.mark.gpu
+def test_a_tile_launched_past_the_autotuner_gives_its_bits_on_gpu(monkeypatch):
+    """With two tiles to pick from (the one-tile fixture leaves one), the first launch of a key
+    is tuned and the later ones launch the pick directly (`_launch`): the same bits, forward and
+    every gradient, and the composite's values within PyTorch's own error."""
+    for name, configs in AUTOTUNED_CONFIGS.items():
+        monkeypatch.setattr(getattr(kernels.conv2d_relu, name), "configs", configs[-2:])
+    x, weight, bias = make_case(2, 32, 48, 20, 18, 3, True, torch.float16, "cuda", "channels_last")
+    grad_out = torch.randn(2, 48, 20, 18, device="cuda")
+    first = conv_relu_with_grads(ops.conv2d_relu, x, weight, bias, 1, True, grad_out)
+    again = conv_relu_with_grads(ops.conv2d_relu, x, weight, bias, 1, True, grad_out)
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+    check_against_float64(x, weight, bias, 1, True)
+
+
+@pytest.mark.gpu
 @pytest.mark.bigmem
 def test_batch_beyond_int32_offsets_on_gpu():
     """An activation of more than 2**31 elements: batch offsets must be int64."""
@@ -351,8 +368,10 @@ def test_a_tuned_launch_runs_the_picked_tile_without_the_autotuner():
     """Triton's Autotuner.run costs 27-30 us of host time a launch; once it has picked a tile
     for a key, the launchers launch that tile directly. Without a GPU (tests/tuned_launches.py):
     the first launch of each key (shape, flags, dtype) goes through the autotuner, which times
-    each tile and launches its pick; the same key again launches that tile and nothing else; a
-    kernel given one config (as tests force a tile) runs it; a new config list is tuned from."""
+    each tile and launches its pick; the same key again makes exactly the autotuner's final
+    call (arguments, grid, warmup off, every keyword) and nothing else; a kernel given one
+    config (as tests force a tile) runs it; a replaced config list goes back through the
+    autotuner; two threads' first launches of two keys each keep their own pick."""
     script = Path(__file__).with_name("tuned_launches.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
@@ -365,9 +384,31 @@ def test_a_tuned_launch_runs_the_picked_tile_without_the_autotuner():
         first, again = launches[f"{kernel} first"], launches[f"{kernel} again"]
         assert first["autotuner_calls"] == 1 and len(first["runs"]) > 2, first  # timed, then ran
         assert again["autotuner_calls"] == 0 and again["runs"] == first["runs"][-1:], again
+        assert again["runs"][0]["warmup"] is False
     for other in ("forward fp16 with bias", "forward fp32", "forward fp16, other width"):
         assert launches[other]["autotuner_calls"] == 1 and len(launches[other]["runs"]) > 2, other
     one_tile = launches["forward fp16, one tile"]
     assert one_tile["autotuner_calls"] == 0
-    assert [run["tile"] for run in one_tile["runs"]] == [lines[-1]["last_tile"]]
+    last_tile, threads = lines[-2:]
+    assert [run["tile"] for run in one_tile["runs"]] == [last_tile["last_tile"]]
     assert launches["forward fp16, new list"]["autotuner_calls"] == 1
+    assert threads["after_threads"] == threads["alone"]
+    assert threads["alone"]["256"] != threads["alone"]["16"]
+
+
+def test_axis_tables_are_fp32_whatever_the_default_dtype():
+    """The kernels read the upsampling weights as fp32; a weight table made with the default
+    dtype turned fp64 under torch.set_default_dtype(torch.float64)."""
+    from fastunet.kernels.upsample_concat import axis_tables
+
+    default = torch.get_default_dtype()
+    axis_tables.cache_clear()
+    torch.set_default_dtype(torch.float64)
+    try:
+        tables = [axis_tables(4, out, mode, False, torch.device("cpu"))
+                  for out, mode in ((8, "nearest"), (4, "bilinear"), (7, "bilinear"))]  # fmt: skip
+    finally:
+        torch.set_default_dtype(default)
+        axis_tables.cache_clear()
+    for table in tables:
+        assert table.lambda0.dtype == table.lambda1.dtype == torch.float32
