@@ -95,24 +95,26 @@ def test_under_autocast_the_op_casts_by_its_own_rule(case):
     assert_same(eager, dispatched)
 
 
-class SeenOps(TorchDispatchMode):
+class Seen:
+    """A mode that notes the name of every call it sees, then makes it."""
+
     def __init__(self):
         super().__init__()
         self.seen = []
 
+    def note(self, func, args, kwargs):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class SeenOps(Seen, TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
+        return self.note(func, args, kwargs)
 
 
-class SeenFunctions(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
+class SeenFunctions(Seen, TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
+        return self.note(func, args, kwargs)
 
 
 class Marked(torch.Tensor):
