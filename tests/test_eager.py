@@ -202,6 +202,27 @@ def test_where_autograd_is_excluded_nothing_is_recorded():
     assert torch.equal(out, ops.conv2d_relu(x, w).detach())
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_batched_gradients_match_one_at_a_time(backend, case):
+    """grad(is_grads_batched=True), as jacobian(vectorize=True) uses, runs the backward under
+    autograd's own vmap, on batched tensors of class Tensor: the backward's op calls must go
+    through the dispatcher there. Before, they ran the ops' functions on the batched tensors and
+    failed (no storage, no data pointer)."""
+    op, args = cases(backend_device(backend))[case]
+    leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
+    outputs = op(*leaves)
+    out = outputs[0] if isinstance(outputs, tuple) else outputs
+    grad_outputs = torch.randn(3, *out.shape, device=out.device)
+    batched = torch.autograd.grad(
+        out, tensors, grad_outputs, retain_graph=True, is_grads_batched=True
+    )
+    for i, grad_output in enumerate(grad_outputs):
+        one = torch.autograd.grad(out, tensors, grad_output, retain_graph=True)
+        for got, expected in zip(batched, one, strict=True):
+            torch.testing.assert_close(got[i], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_an_fx_trace_records_the_op():
     graph = torch.fx.symbolic_trace(ops.max_pool2d).graph
     assert "fastunet.max_pool2d_with_argmax" in str([node.target for node in graph.nodes])

@@ -10,13 +10,14 @@ kernels, and a UNet step makes about 30 op calls forward and 50 backward.
 `call(op, *args)` runs the op's own function directly when the call is plain eager PyTorch:
 plain tensors (of class Tensor or Parameter; no subclass, fake tensor, fx proxy, lazy negation,
 ZeroTensor or functionalization wrapper, which the dispatcher would resolve first) on the CPU or
-a GPU, and no torch.compile, jit trace, functorch transform (vmap, grad, functionalize), dispatch
-mode (FlopCounterMode, FakeTensorMode, export's tracers) or torch-function mode (which
-`torch.set_default_device` installs). Where autograd records (grad mode on, an input that
-requires grad, autograd not excluded as in inference_mode) it runs under an autograd.Function
-with the op's own setup_context and backward; under autocast it casts first, by the op's own
-rule; under the profiler, the call is a range named like the op. In every other case it calls
-the op through the dispatcher, as registered, so that whatever is watching sees the op itself.
+a GPU, and no torch.compile, jit trace, functorch transform (vmap, grad, functionalize),
+autograd's own vmap, dispatch mode (FlopCounterMode, FakeTensorMode, export's tracers) or
+torch-function mode (which `torch.set_default_device` installs). Where autograd records (grad
+mode on, an input that requires grad, autograd not excluded as in inference_mode) it runs under
+an autograd.Function with the op's own setup_context and backward; under autocast it casts
+first, by the op's own rule; under the profiler, the call is a range named like the op. In every
+other case it calls the op through the dispatcher, as registered, so that whatever is watching
+sees the op itself.
 
 The callers pass arguments of the op's schema types: the dispatcher's conversions (a bool for
 an int) and checks are not made here. The ops register their function, formula and autocast
@@ -37,6 +38,9 @@ from fastunet.ops._common import AUTOCAST_RULES, cast_floating, in_functorch_tra
 PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 DEVICE_TYPES = ("cpu", "cuda")
 AUTOGRAD = torch._C.DispatchKey.AutogradFunctionality
+# The vmap that autograd itself runs (jacobian(vectorize=True), grad(is_grads_batched=True)):
+# its batched tensors are of class Tensor, so only the thread's dispatch keys tell.
+LEGACY_VMAP = torch._C._parse_dispatch_key("VmapMode")
 
 
 @dataclass
@@ -103,6 +107,7 @@ def _plain_eager_device(args: tuple) -> str | None:
         or torch._C._len_torch_dispatch_stack()
         or torch.jit.is_tracing()
         or in_functorch_transform()
+        or torch._C._dispatch_tls_is_dispatch_key_included(LEGACY_VMAP)
         or not all(_plain(a) for a in args if isinstance(a, Tensor))
     ):
         return None
