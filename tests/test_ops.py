@@ -100,24 +100,67 @@ def test_max_pool2d_gradcheck():
     torch.autograd.gradcheck(ops.max_pool2d, (x,))
 
 
-@pytest.mark.parametrize(
-    "op,shapes",
-    [
-        (ops.conv2d_relu, [(1, 2, 4, 4), (3, 2, 3, 3), (3,)]),
-        (ops.upsample_concat, [(1, 2, 3, 3), (1, 1, 6, 6)]),
-        (ops.max_pool2d, [(1, 2, 4, 4)]),
-        (ops.upsample_concat_conv2d_relu, [(1, 2, 3, 3), (1, 1, 6, 6), (3, 3, 3, 3)]),
-    ],
-    ids=lambda v: getattr(v, "__name__", ""),
-)
-def test_a_second_derivative_is_refused_not_silently_wrong(backend, op, shapes):
-    """The backward ops have no autograd of their own: differentiating a gradient (a gradient
-    penalty, create_graph=True) must raise, not treat the backward as a constant."""
+def _decoder_composite(x, skip, weight, bias):
+    return torch_conv2d_relu(
+        torch_upsample_concat(x, skip, "nearest", False), weight, bias, 1, True
+    )
+
+
+# (op, PyTorch's composite, input shapes): each op with every tensor input differentiated.
+SECOND_ORDER_CASES = {
+    "conv2d_relu": (
+        ops.conv2d_relu, functools.partial(torch_conv2d_relu, padding=1, relu=True),
+        [(1, 2, 4, 5), (3, 2, 3, 3), (3,)],
+    ),
+    "conv2d_leaky_relu": (
+        lambda x, w: ops.conv2d_relu(x, w, None, 1, True, 0.1),
+        lambda x, w: torch_conv2d_relu(x, w, None, 1, True, 0.1),
+        [(2, 2, 4, 4), (3, 2, 3, 3)],
+    ),
+    "conv2d": (
+        lambda x, w: ops.conv2d_relu(x, w, None, 0, False),
+        lambda x, w: torch_conv2d_relu(x, w, None, 0, False),
+        [(1, 3, 5, 4), (2, 3, 2, 2)],
+    ),
+    "upsample_concat": (
+        lambda x, s: ops.upsample_concat(x, s, "bilinear", False, False),
+        lambda x, s: torch_upsample_concat(x, s, "bilinear", False, False),
+        [(1, 2, 3, 3), (1, 1, 6, 7)],
+    ),
+    "max_pool2d": (ops.max_pool2d, lambda x: F.max_pool2d(x, 2), [(2, 2, 5, 4)]),
+    "upsample_concat_conv2d_relu": (
+        ops.upsample_concat_conv2d_relu, _decoder_composite,
+        [(1, 2, 3, 3), (1, 1, 6, 6), (3, 3, 3, 3), (3,)],
+    ),
+}  # fmt: skip
+
+
+def _penalty_gradients(function, inputs):
+    """The gradient of a gradient penalty (the squared norm of the gradients, create_graph=True)
+    with respect to each input."""
+    grads = torch.autograd.grad(function(*inputs).square().sum(), inputs, create_graph=True)
+    return torch.autograd.grad(sum(g.square().sum() for g in grads), inputs)
+
+
+@pytest.mark.parametrize("case", SECOND_ORDER_CASES)
+def test_a_gradient_penalty_matches_pytorchs(backend, case):
+    """Differentiating a gradient (create_graph=True) records the backward ops with their own
+    formula, PyTorch's composite recomputed: the result is PyTorch's, on each backend's first
+    order (the Triton and _C backward kernels). Before, it raised "no autograd formula"."""
+    op, composite, shapes = SECOND_ORDER_CASES[case]
     device = backend_device(backend)
     inputs = [torch.randn(s, device=device, requires_grad=True) for s in shapes]
-    grads = torch.autograd.grad(op(*inputs).square().sum(), inputs, create_graph=True)
-    with pytest.raises(RuntimeError, match="no autograd formula was registered"):
-        torch.autograd.grad(sum(g.square().sum() for g in grads), inputs)
+    expected = _penalty_gradients(composite, inputs)
+    for got, want in zip(_penalty_gradients(op, inputs), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", SECOND_ORDER_CASES)
+def test_second_derivatives_gradgradcheck(case):
+    """Second derivatives against finite differences of the first, in float64."""
+    op, _, shapes = SECOND_ORDER_CASES[case]
+    inputs = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    assert torch.autograd.gradgradcheck(op, inputs)
 
 
 @pytest.mark.parametrize("how", ["torch.func.jvp", "forward_ad"])

@@ -94,6 +94,46 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
     )
 
 
+def differentiate_by_composite(op, composite: Callable) -> None:
+    """The autograd formula of an op that computes a gradient (an op of a backward formula):
+    recompute its PyTorch composite from the saved inputs and differentiate that.
+
+    Autograd records it only where a gradient is itself differentiated (create_graph=True, as
+    a gradient penalty asks), so first-order training never saves or recomputes anything; the
+    composite's own ops carry the higher orders."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.tensor_positions = [i for i, a in enumerate(inputs) if isinstance(a, Tensor)]
+        ctx.arguments = [None if isinstance(a, Tensor) else a for a in inputs]
+        ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_positions))
+
+    def backward(ctx, *grad_outputs):
+        args = list(ctx.arguments)
+        wanted = [i for i in ctx.tensor_positions if ctx.needs_input_grad[i]]
+        with torch.enable_grad():
+            for i, saved in zip(ctx.tensor_positions, ctx.saved_tensors, strict=True):
+                # A new node for each input differentiated: its gradient is then this op's
+                # own, not also the part through the other inputs' histories (a saved gradient
+                # depends on x too), and the autograd graph before it is not run.
+                args[i] = saved.view_as(saved) if i in wanted else saved
+            outputs = composite(*args)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        # Gradients given for outputs that depend on the inputs (not the empty placeholders).
+        pairs = [(out, grad) for out, grad in zip(outputs, grad_outputs, strict=True)
+                 if grad is not None and out.requires_grad]  # fmt: skip
+        grads = [None] * len(args)
+        if pairs and wanted:
+            found = torch.autograd.grad(
+                [out for out, _ in pairs], [args[i] for i in wanted], [g for _, g in pairs],
+                allow_unused=True, create_graph=torch.is_grad_enabled(),
+            )  # fmt: skip
+            for i, grad in zip(wanted, found, strict=True):
+                grads[i] = grad
+        return tuple(grads)
+
+    register_autograd(op, backward, setup_context)
+
+
 def _plain(t: Tensor) -> bool:
     return type(t) in PLAIN_TENSORS and not (
         t.is_neg() or torch._is_zerotensor(t) or torch._is_functional_tensor(t)

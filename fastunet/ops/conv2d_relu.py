@@ -27,7 +27,7 @@ from fastunet.ops._common import (
     kernel_device,
     refuse_forward_ad,
 )
-from fastunet.ops._eager import call, custom_op, register_autograd
+from fastunet.ops._eager import call, custom_op, differentiate_by_composite, register_autograd
 
 OP = "conv2d_relu"
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -147,6 +147,10 @@ def conv2d_relu_grad_output(
     if kernels := _triton_kernels(out):
         with kernel_device(out):
             return kernels.relu_grad(grad_out, out, negative_slope)
+    return _relu_grad_composite(grad_out, out, negative_slope)
+
+
+def _relu_grad_composite(grad_out: Tensor, out: Tensor, negative_slope: float):
     # As PyTorch's backwards: ReLU's zeroes where out <= 0, so a NaN output passes the gradient;
     # LeakyReLU's keeps it where out > 0, so a NaN output scales it.
     if negative_slope:
@@ -180,6 +184,10 @@ def conv2d_grad(
             if need_weight:
                 grad_w = kernels.grad_weight(grad, x, weight.shape[2], weight.shape[3], padding)
             return grad_x, grad_w
+    return _conv_grad_composite(grad, x, weight, padding, need_input, need_weight)
+
+
+def _conv_grad_composite(grad, x, weight, padding, need_input, need_weight):
     # A dense weight: aten's slow CPU path writes grad_weight in the weight's layout, and
     # refuses a permuted one.
     grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
@@ -253,4 +261,6 @@ def _backward(ctx, grad_out):
 
 
 register_autograd(conv2d_relu, _backward, _setup_context)
+differentiate_by_composite(conv2d_relu_grad_output, _relu_grad_composite)
+differentiate_by_composite(conv2d_grad, _conv_grad_composite)
 autocast_to_lower_precision("conv2d_relu")

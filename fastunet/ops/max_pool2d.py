@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fastunet.ops._backend import choose, native_extension
 from fastunet.ops._common import check_activation, memory_format_of, refuse_forward_ad
-from fastunet.ops._eager import call, custom_op, register_autograd
+from fastunet.ops._eager import call, custom_op, differentiate_by_composite, register_autograd
 
 OP = "max_pool2d"
 
@@ -109,8 +109,8 @@ def max_pool2d_backward(
 ) -> Tensor:
     """Each input element gets its window's gradient if it was the window's argmax, else 0."""
     _check_backward(grad_out, argmax, input_height, input_width)
-    n, c, h_out, w_out = grad_out.shape
     if _uses_native(grad_out):
+        n, c = grad_out.shape[:2]
         layout = memory_format_of(argmax)
         grad_out = grad_out.contiguous(memory_format=layout)
         argmax = argmax.contiguous(memory_format=layout)
@@ -119,6 +119,11 @@ def max_pool2d_backward(
             "max_pool2d_backward", grad, grad_out.data_ptr(), argmax.data_ptr(), grad.data_ptr()
         )
         return grad
+    return _backward_composite(grad_out, argmax, input_height, input_width)
+
+
+def _backward_composite(grad_out: Tensor, argmax: Tensor, input_height: int, input_width: int):
+    n, c, h_out, w_out = grad_out.shape
     positions = torch.arange(4, device=argmax.device).view(1, 1, 1, 1, 2, 2)
     chosen = argmax[..., None, None] == positions
     # + 0.0: PyTorch adds the gradient into zeros, which turns a -0.0 into +0.0.
@@ -149,6 +154,7 @@ def _backward(ctx, grad_out, _grad_argmax):
 
 
 register_autograd(max_pool2d_with_argmax, _backward, _setup_context)
+differentiate_by_composite(max_pool2d_backward, _backward_composite)
 
 
 def max_pool2d(x: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ from fastunet.ops._common import (
     kernel_device,
     refuse_forward_ad,
 )
-from fastunet.ops._eager import call, custom_op, register_autograd
+from fastunet.ops._eager import call, custom_op, differentiate_by_composite, register_autograd
 
 OP = "upsample_concat"
 MODES = ("nearest", "bilinear")
@@ -118,6 +118,11 @@ def upsample_grad(
             return upsample_backward(
                 grad_up, mode, align_corners, empty_channels_last(x_shape, grad_up)
             )
+    return _upsample_grad_composite(grad_up, input_height, input_width, mode, align_corners)
+
+
+def _upsample_grad_composite(grad_up, input_height, input_width, mode, align_corners):
+    x_shape = (grad_up.shape[0], grad_up.shape[1], input_height, input_width)
     dtype = grad_up.dtype
     compute_dtype = torch.float64 if grad_up.dtype == torch.float64 else torch.float32
     grad_up = grad_up.to(compute_dtype)
@@ -154,4 +159,5 @@ def _backward(ctx, grad_out):
 
 
 register_autograd(upsample_concat, _backward, _setup_context)
+differentiate_by_composite(upsample_grad, _upsample_grad_composite)
 autocast_to_widest("upsample_concat")

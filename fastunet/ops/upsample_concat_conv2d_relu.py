@@ -20,7 +20,7 @@ from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from fastunet.ops._backend import choose
 from fastunet.ops._common import autocast_to_lower_precision, empty_channels_last, kernel_device
-from fastunet.ops._eager import call, custom_op, register_autograd
+from fastunet.ops._eager import call, custom_op, differentiate_by_composite, register_autograd
 from fastunet.ops.conv2d_relu import (
     bias_grad_sum,
     check_conv,
@@ -100,8 +100,8 @@ def upsample_concat_conv2d_grad(
     conv2d_grad: the Triton grad_weight reads the concat through skip and the upsampled x; the
     composite makes the concat and one convolution_backward call."""
     if not (kernels := _triton_kernels(grad)):
-        concat = call(upsample_concat, x, skip, mode, align_corners)
-        return call(conv2d_grad, grad, concat, weight, padding, need_input, need_weight)
+        return _grad_composite(grad, x, skip, weight, padding, mode, align_corners, need_input,
+                               need_weight)  # fmt: skip
     with kernel_device(grad):
         grad_concat = grad_w = grad.new_empty(0)
         if need_input:
@@ -112,6 +112,11 @@ def upsample_concat_conv2d_grad(
             kh, kw = weight.shape[2:]
             grad_w = kernels.grad_weight(grad, x, kh, kw, padding, concat)
         return grad_concat, grad_w
+
+
+def _grad_composite(grad, x, skip, weight, padding, mode, align_corners, need_input, need_weight):
+    concat = call(upsample_concat, x, skip, mode, align_corners)
+    return call(conv2d_grad, grad, concat, weight, padding, need_input, need_weight)
 
 
 @upsample_concat_conv2d_grad.register_fake
@@ -170,4 +175,5 @@ def _backward(ctx, grad_out):
 
 
 register_autograd(upsample_concat_conv2d_relu, _backward, _setup_context)
+differentiate_by_composite(upsample_concat_conv2d_grad, _grad_composite)
 autocast_to_lower_precision(OP)
