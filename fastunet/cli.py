@@ -28,7 +28,7 @@ def _parity(args: argparse.Namespace) -> int:
     from fastunet.bench.parity import compare
 
     device = _device(args.device)
-    _check_size(args)
+    _check_size((args.size,), args.depth)
     result = compare(
         batch=args.batch, size=args.size, base_channels=args.base_channels, depth=args.depth,
         upsample=args.upsample, dtype=DTYPES[args.dtype], autocast=args.autocast, device=device,
@@ -54,13 +54,14 @@ def _tune(args: argparse.Namespace) -> int:
     from fastunet.ops import _choice
 
     device = _device(args.device)
-    _check_size(args)
+    height, width = args.size
+    _check_size(args.size, args.depth)
     dtype = DTYPES[args.dtype]
     # The weights' layout is part of each layer's key: tune the one the model will run with.
     weights = args.weights or ("channels_last" if device.type == "cuda" else "contiguous")
-    model = UNet(args.in_channels, args.num_classes, args.base_channels, args.depth,
-                 upsample=args.upsample).to(device, memory_format=LAYOUTS[weights])  # fmt: skip
-    x = torch.randn(args.batch, args.in_channels, args.size, args.size, device=device)
+    model = UNet(args.in_channels, args.num_classes, args.base_channels, args.depth, args.upsample,
+                 args.align_corners).to(device, memory_format=LAYOUTS[weights])  # fmt: skip
+    x = torch.randn(args.batch, args.in_channels, height, width, device=device)
     x = x.contiguous(memory_format=torch.channels_last)
     autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
     with _choice.recording() as calls:
@@ -117,10 +118,11 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
-def _check_size(args: argparse.Namespace) -> None:
+def _check_size(sides: tuple[int, ...], depth: int) -> None:
     """Before the model is built: a deep model is large (base_channels * 2**depth channels)."""
-    if args.size < 2**args.depth:
-        raise ValueError(f"--size must be >= 2**depth = {2**args.depth}, got {args.size}")
+    if min(sides) < 2**depth:
+        given = "x".join(map(str, sides))
+        raise ValueError(f"--size must be >= 2**depth = {2**depth} on each side, got {given}")
 
 
 def _check_writable(option: str, path: str | None) -> None:
@@ -188,6 +190,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _image_size(text: str) -> tuple[int, int]:
+    """(height, width) from "256" (square) or "256x320" (height x width)."""
+    sides = [_positive_int(side) for side in text.split("x")]
+    if len(sides) > 2:
+        raise argparse.ArgumentTypeError(f"must be N or HxW, got {text}")
+    return sides[0], sides[-1]
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not (value > 0 and math.isfinite(value)):
@@ -253,12 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                       help="bf16 and fp16 run under autocast with fp32 weights")  # fmt: skip
     tune.add_argument("--batch", type=_positive_int, default=16)
-    tune.add_argument("--size", type=_positive_int, default=256)
+    tune.add_argument("--size", type=_image_size, default=(256, 256),
+                      help="the input's size: N (square) or HxW, e.g. 256 or 256x320")  # fmt: skip
     tune.add_argument("--in-channels", type=_positive_int, default=3)
     tune.add_argument("--num-classes", type=_positive_int, default=2)
     tune.add_argument("--base-channels", type=_positive_int, default=64)
     tune.add_argument("--depth", type=_positive_int, default=4)
     tune.add_argument("--upsample", choices=["nearest", "bilinear"], default="nearest")
+    tune.add_argument("--align-corners", action="store_true",
+                      help="the model's align_corners=True, part of the keys")  # fmt: skip
     tune.add_argument("--input-grad", action="store_true",
                       help="the training step also needs the input's gradient")  # fmt: skip
     tune.add_argument("--weights", choices=sorted(LAYOUTS), default=None,

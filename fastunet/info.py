@@ -83,5 +83,9 @@ def format_info(report: dict) -> str:
         "layers: " + (choice["rule"] or "fastunet op or PyTorch's own path, measured per layer")
     )
     lines.append(f"  UNet's activations: {choice['unet_layout']}")
-    lines.append(f"  choice cache: {choice['cache_file']} ({choice['cached']} measured choices)")
+    cached = "; ".join(
+        f"{kind}: " + ", ".join(f"{count} {path}" for path, count in taken.items())
+        for kind, taken in choice["cached"].items()
+    )
+    lines.append(f"  choice cache: {choice['cache_file']} ({cached})")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from helpers import (
 )
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastunet import ReferenceUNet, UNet
@@ -357,6 +358,21 @@ def test_a_save_appends_a_line_in_place_of_one_a_crash_cut_short(cache, measured
         assert len(_choice.ChoiceCache(path).entries) == 2  # no warning
 
 
+def test_a_last_line_without_its_newline_is_taken(cache, measured):
+    """A file whose last line lacks its newline (an editor's save) lost that choice without a
+    warning: it was read as a piece a crash cut short, and cut away by the next save."""
+    layer, x = conv_layer()
+    key = _choice.layer_key("conv2d_relu", (x, layer.weight, layer.bias, 1, True))
+    path = _choice.cache_file(x.device)
+    path.write_text(cache_text({key: {"path": "torch", "reason": "saved"}}).rstrip("\n"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_conv(layer, x, Spy(lambda *a: None))
+        assert measured.calls == 0  # the saved one was taken
+        run_conv(layer, torch.randn(1, 3, 6, 5), Spy(lambda *a: None))  # a new key: a save
+    assert measured.calls == 1 and len(read_cache(path)[1]) == 2
+
+
 def test_unlocked_saves_at_once_leave_no_empty_line(cache, monkeypatch):
     """Without flock (Windows) another process may append between a read and a save: the save
     took its lines for a crash's piece and wrote a newline, an empty line that every new process
@@ -452,6 +468,26 @@ def test_an_unwritable_cache_warns_once_and_keeps_choices_in_memory(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         run_conv(layer, torch.randn(1, 3, 6, 5), Spy(lambda *a: None))
+
+
+@pytest.mark.parametrize("looped", ["file", "directory"])
+def test_a_cache_path_in_a_loop_of_links_warns_and_keeps_choices_in_memory(
+    tmp_path, measured, monkeypatch, looped
+):
+    """Path.resolve raises RuntimeError for a loop before Python 3.13: it came out of the
+    layer's call."""
+    directory = tmp_path / "loop" if looped == "directory" else tmp_path
+    monkeypatch.setenv("FASTUNET_CACHE_DIR", str(directory))
+    new_process(monkeypatch)
+    layer, x = conv_layer()
+    looping = directory if looped == "directory" else _choice.cache_file(x.device)
+    looping.symlink_to(looping.name)
+    with (
+        pytest.warns(RuntimeWarning, match="cannot read the choice cache"),
+        pytest.warns(RuntimeWarning, match="cannot save the choice cache .*; keeping it in mem"),
+    ):
+        run_conv(layer, x, Spy(lambda *a: None))
+    assert _choice.cache_for(x.device).save_failed and measured.calls == 1
 
 
 def test_two_processes_merge_their_choices(cache, measured, monkeypatch):
@@ -697,21 +733,49 @@ def test_on_the_cpu_drawn_models_are_referenceunet_in_the_faster_layout_bit_for_
             assert torch.equal(a.grad, b.grad), name
 
 
-def test_a_layer_is_timed_out_of_sight_of_a_checkpoint_and_not_under_a_dispatch_mode(
-    cache, monkeypatch
+class ConvCounter(TorchFunctionMode):
+    """A torch-function mode that counts the calls of F.conv2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.convs += func is F.conv2d
+        return func(*args, **(kwargs or {}))
+
+
+# Watchers that would count the timing runs: how to start one, and what it counted.
+COUNTERS = {
+    "flop-counter": (lambda: FlopCounterMode(display=False), FlopCounterMode.get_total_flops),
+    "function-mode": (ConvCounter, lambda counter: counter.convs),
+    "profiler": (
+        torch.profiler.profile,
+        lambda profile: sum(event.name == "aten::conv2d" for event in profile.events()),
+    ),
+}
+
+
+@pytest.mark.parametrize("watcher", COUNTERS)
+def test_a_layer_is_timed_out_of_sight_of_a_checkpoint_and_not_where_it_would_be_counted(
+    cache, monkeypatch, watcher
 ):
     """The per-layer timing (a forward and backward of both paths) inside a non-reentrant
     checkpoint, which counts what its region saves, is hidden from it; under a dispatch mode
-    (FlopCounterMode), which would count it, nothing is timed."""
+    (FlopCounterMode), a torch-function mode or a profiler, which would count it, nothing is
+    timed. `torch.device(...)`, a torch-function mode that only sets new tensors' device, does
+    not count."""
     monkeypatch.setattr(_choice, "_rule", lambda op, x: None)  # as on a GPU
     measure = Spy(_choice.measure)
     monkeypatch.setattr(_choice, "measure", measure)
     layer, x = conv_layer()
     x.requires_grad_()
-    with FlopCounterMode(display=False):
+    start, _ = COUNTERS[watcher]
+    with start():
         layer(x).sum().backward()
     assert measure.calls == 0 and not _choice._decided
-    out = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+    with torch.device("cpu"):
+        out = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
     out.sum().backward()
     assert measure.calls == 1 and len(_choice._decided) == 1
 
@@ -728,13 +792,13 @@ def _ensemble_step(models, x):
 
 
 @pytest.mark.parametrize(
-    "watcher", ["checkpoint", "forward-hook", "gradient-hook", "flop-counter", "vmap"]
+    "watcher", ["checkpoint", "forward-hook", "gradient-hook", *COUNTERS, "vmap"]
 )
 def test_the_layout_timing_is_not_seen_by_the_caller(cache, cpu_rule, watcher):
     """The first call of a shape times UNet in both layouts. A non-reentrant checkpoint, which
-    counts the tensors its region saves, does not see those runs; hooks, a dispatch mode and a
-    functorch transform would, so there nothing is timed and x's layout runs. Each sees one
-    call of UNet, as of ReferenceUNet."""
+    counts the tensors its region saves, does not see those runs; hooks, a dispatch mode, a
+    torch-function mode, a profiler and a functorch transform would, so there nothing is timed
+    and x's layout runs. Each sees one call of UNet, as of ReferenceUNet."""
     torch.manual_seed(0)
     reference = ReferenceUNet(3, 2, 4, 2)
     fast = UNet.from_reference(reference)
@@ -753,13 +817,14 @@ def test_the_layout_timing_is_not_seen_by_the_caller(cache, cpu_rule, watcher):
             fast.head.weight.register_hook(lambda grad: calls.append(1))
         fast(x).sum().backward()
         assert calls == [1]
-    elif watcher == "flop-counter":
+    elif watcher in COUNTERS:
+        start, counted = COUNTERS[watcher]
         counts = []
         for model in (fast, reference):
-            with FlopCounterMode(display=False) as counter:
+            with start() as counter:
                 model(x).sum().backward()
-            counts.append(counter.get_total_flops())
-        assert counts[0] == counts[1]
+            counts.append(counted(counter))
+        assert counts[0] == counts[1] > 0
     else:
         others = [UNet(3, 2, 4, 2), ReferenceUNet(3, 2, 4, 2)]
         for _ in range(2):  # and again, with x's shape timed and its layout kept
@@ -837,14 +902,37 @@ def test_a_new_process_reads_the_layout_and_gets_the_same_bits(
         new_process(monkeypatch)
 
 
-def test_an_entry_of_the_other_kind_is_not_taken_for_a_choice(cache, measured, monkeypatch):
+def test_a_layers_entry_of_the_other_kind_is_ignored_with_a_warning(cache, measured):
+    """A layer's key holding a layout (an edit, another version) is not a choice: the layer is
+    measured and its choice saved in place of the line. The save handed the line back, and the
+    layer quietly ran PyTorch's path."""
     layer, x = conv_layer()
     key = _choice.layer_key("conv2d_relu", (x, layer.weight, layer.bias, 1, True))
-    _choice.cache_file(x.device).write_text(
-        cache_text({key: {"path": "channels_last", "reason": "a layout", "times_ms": None}})
-    )
-    run_conv(layer, x, Spy(lambda *a: None))
-    assert measured.calls == 1
+    path = _choice.cache_file(x.device)
+    path.write_text(cache_text({key: {"path": "channels_last", "reason": "a layout"}}))
+    spy = Spy(lambda *a: None)
+    with pytest.warns(RuntimeWarning, match="1 lines of the choice cache .* are not choices"):
+        run_conv(layer, x, spy)
+    assert measured.calls == spy.calls == 1
+    assert read_cache(path)[1][key]["path"] == "fastunet"
+
+
+def test_a_layout_entry_of_the_other_kind_is_ignored_with_a_warning(
+    cache, cpu_rule, layout_times, monkeypatch
+):
+    """A model's layout key holding a layer's path: the save handed it back, and UNet's call
+    raised KeyError: 'torch'. The layout is measured and saved in place of the line."""
+    fast, x = UNet(3, 2, 4, 2), torch.randn(2, 3, 16, 12)
+    with _choice.recording() as calls:
+        fast(x)
+    ((key, _),) = [(key, choice) for key, choice in calls if choice.path in _choice.LAYOUTS]
+    path = _choice.cache_file(x.device)
+    path.write_text(cache_text({key: {"path": "torch", "reason": "a layer's path"}}))
+    new_process(monkeypatch)
+    with pytest.warns(RuntimeWarning, match="1 lines of the choice cache .* are not choices"):
+        fast(x)
+    assert layout_times.calls == 2
+    assert read_cache(path)[1][key]["path"] == "channels_last"
 
 
 @pytest.mark.parametrize("why", ["interpreter", "forced backend", "torch.compile"])
@@ -980,14 +1068,35 @@ def test_tune_fills_the_cache_so_a_new_process_measures_nothing(
     assert tuned_keys(UNet(3, 2, 2, 2)) == set(table)
 
 
-def tuned_keys(model) -> set[str]:
-    """The layer keys of TUNE's model's inference and training step."""
-    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+def tuned_keys(model, size=(16, 16)) -> set[str]:
+    """The keys of TUNE's model's inference and training step."""
+    x = torch.randn(2, 3, *size).contiguous(memory_format=torch.channels_last)
     with _choice.recording() as calls:
         with torch.no_grad():
             model(x)
         model(x).sum().backward()
     return {key for key, _ in calls}
+
+
+@pytest.mark.parametrize(
+    "fixtures", [["measured"], ["cpu_rule", "layout_times"]], ids=["layers", "layout"]
+)
+def test_tune_fills_the_cache_for_align_corners_and_a_non_square_size(
+    cache, monkeypatch, capsys, request, fixtures
+):
+    """Both are in the keys (align_corners in the layout's and the upsampling layers', the size
+    in every one), and tune took neither: such a model measured at its first call after tune.
+    On a GPU the layers are measured, on the CPU the layout."""
+    for fixture in fixtures:
+        request.getfixturevalue(fixture)
+    argv = [*TUNE, "--size", "16x12", "--upsample", "bilinear", "--align-corners", "--json"]
+    assert main(argv) == 0
+    table = json.loads(capsys.readouterr().out)
+    new_process(monkeypatch)
+    no_measuring(monkeypatch)
+    monkeypatch.setattr(_choice, "_measure_layouts", None)  # measuring would fail
+    model = UNet(3, 2, 2, 2, upsample="bilinear", align_corners=True)
+    assert tuned_keys(model, (16, 12)) == set(table)
 
 
 def test_tune_measures_the_weights_layout_the_model_runs_with(cache, measured, capsys):

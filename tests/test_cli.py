@@ -3,9 +3,11 @@
 import json
 
 import pytest
+import torch
 
 import fastunet
 from fastunet.cli import main
+from fastunet.ops import _choice
 
 
 def test_info_reports_every_op_with_a_reason():
@@ -26,6 +28,27 @@ def test_info_command(capsys):
     assert json.loads(capsys.readouterr().out)["torch"]
 
 
+def test_info_counts_the_cached_choices_by_path(tmp_path, monkeypatch, capsys):
+    """README: `fastunet info` says how many layers took each path; it gave one number, the
+    layouts' choices counted in."""
+    monkeypatch.setenv("FASTUNET_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_choice, "_caches", {})
+    cache = _choice.cache_for(torch.device("cpu"))
+    # Keys as `_choice` writes them name the op, or "<model>-layout", second.
+    taken = {"cpu|conv2d_relu|1": "fastunet", "cpu|conv2d_relu|2": "torch",
+             "cpu|max_pool2d|1": "torch", "cpu|unet-layout|1": "channels_last"}  # fmt: skip
+    for key, path in taken.items():
+        cache.put(key, _choice.Choice(path, "measured"))
+    monkeypatch.setattr(_choice, "_caches", {})  # read from the file, as a new process
+    assert main(["info", "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layer_choice"]["cached"] == {
+        "layers": {"fastunet": 1, "torch": 2}, "layouts": {"contiguous": 0, "channels_last": 1}
+    }  # fmt: skip
+    assert main(["info", "--device", "cpu"]) == 0
+    counts = "(layers: 1 fastunet, 2 torch; layouts: 0 contiguous, 1 channels_last)"
+    assert counts in capsys.readouterr().out
+
+
 def test_parity_command_reports_small_errors(capsys):
     assert main(["parity", "--size", "16", "--depth", "2", "--base-channels", "4", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -44,7 +67,16 @@ def test_parity_command_prints_a_table(capsys):
         assert all(float(value) >= 0 for value in values)
 
 
-@pytest.mark.parametrize("argv", [["parity", "--size", "0"], ["parity", "--dtype", "fp8"], []])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["parity", "--size", "0"],
+        ["parity", "--dtype", "fp8"],
+        ["tune", "--size", "16x"],
+        ["tune", "--size", "16x12x8"],
+        [],
+    ],
+)
 def test_bad_arguments_exit_non_zero(argv):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

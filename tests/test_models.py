@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastunet import ReferenceUNet, UNet
 from fastunet.bench.parity import relative_error
+from fastunet.ops import _choice
 
 FP32_TOLERANCE = 1e-5
 
@@ -234,6 +235,52 @@ def test_autocast_bf16_on_cpu(torch_backend):
     assert relative_error(out, expected) <= 1e-2
     out.float().sum().backward()
     assert all(p.grad.dtype == torch.float32 for p in fast.parameters())
+
+
+def with_a_scale(model_class):
+    """model_class with one more parameter, which its layers do not use: a learnt output scale."""
+
+    class Scaled(model_class):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.scale = torch.nn.Parameter(torch.full((1,), 2.0))
+
+        def forward(self, x):
+            return super().forward(x) * self.scale
+
+    return Scaled
+
+
+@pytest.mark.parametrize("trained", ["all", "the-extra-only"])
+def test_a_subclass_with_a_parameter_its_layers_do_not_use_trains_as_the_reference(
+    tmp_path, monkeypatch, trained
+):
+    """On the CPU UNet's first training call of a shape times it in both layouts, forward and
+    backward to the model's parameters: one its layers do not reach raised "appears to not have
+    been used in the graph" (and with only that one trained, "does not require grad")."""
+    monkeypatch.setattr(_choice, "INTERPRET", False)  # the CPU rule: the layouts are timed
+    monkeypatch.setenv("FASTUNET_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_choice, "_caches", {})
+    monkeypatch.setattr(_choice, "_decided", {})
+    reference = with_a_scale(ReferenceUNet)(3, 2, 4, 2)
+    fast = with_a_scale(UNet)(3, 2, 4, 2)
+    fast.load_state_dict(reference.state_dict())
+    if trained == "the-extra-only":
+        for model in (reference, fast):
+            model.requires_grad_(False).scale.requires_grad_()
+    x, grad_out = torch.randn(2, 3, 16, 12), torch.randn(2, 2, 16, 12)
+    results = []
+    for model in (reference, fast):
+        out = model(x)
+        out.backward(grad_out)
+        trained_grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+        results.append((out, trained_grads))
+    (expected, expected_grads), (out, grads) = results
+    assert any(choice.reason.startswith("measured") for choice in _choice._decided.values())
+    assert relative_error(out, expected) <= FP32_TOLERANCE
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        assert relative_error(grad, expected_grads[name]) <= FP32_TOLERANCE, name
 
 
 @pytest.mark.parametrize(

@@ -18,9 +18,9 @@ Choices made without measuring (`_rule`):
   overhead, and the `_C` max-pool twin is slower than aten's (it stays the oracle that the CUDA
   kernel's logic is tested against);
 - on meta tensors (shapes without data, as FLOP counting uses), PyTorch's own path;
-- inside torch.compile, a torch.jit trace, a CUDA graph capture, a functorch transform (vmap)
-  or a dispatch mode (FlopCounterMode) nothing is timed: a cached choice, else the fastunet op
-  (under torch.compile, always the fastunet op);
+- inside torch.compile, a torch.jit trace, a CUDA graph capture, a functorch transform (vmap),
+  a dispatch mode (FlopCounterMode), a torch-function mode or a profiler nothing is timed: a
+  cached choice, else the fastunet op (under torch.compile, always the fastunet op);
 - where timing runs the GPU out of memory (a model that fills it), PyTorch's own path, kept in
   this process and not saved;
 - under `torch.use_deterministic_algorithms`, a bilinear upsample's training pass on CUDA runs
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import functools
 import hashlib
 import json
@@ -48,6 +49,7 @@ import sys
 import threading
 import uuid
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -55,6 +57,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import _get_current_function_mode_stack
+from torch.utils._device import DeviceContext
 
 try:
     import fcntl
@@ -79,6 +83,8 @@ from fastunet.ops._timing import compare_ms
 FORMAT = 2  # 1: one JSON object, rewritten at each save
 PATHS = ("fastunet", "torch")
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": CHANNELS_LAST}
+# A model's layout choice is keyed "<model>-layout" where a layer's choice names its op.
+LAYOUT_SUFFIX = "-layout"
 # What an unusable cache file means; not "measuring again": `fastunet info` reads it too.
 IGNORED = "its choices are ignored (each layer measures its own again when it runs)"
 
@@ -241,8 +247,13 @@ class ChoiceCache:
             if warn:
                 _warn(f"cannot read the choice cache {self.path} ({error}); {IGNORED}")
             return
-        # The piece after the last newline is a line being written, or one a crash cut short.
+        # The piece after the last newline is a line being written, or one a crash cut short;
+        # unless it is whole: a last line saved without its newline (by an editor).
         *lines, unfinished = data.split(b"\n")
+        unterminated = _is_json(unfinished)
+        if unterminated:
+            lines.append(unfinished)
+            unfinished = b""
         if start == 0:
             self._file, self._saved = None, set()
             problem = _header_problem(lines[0] if lines else b"")
@@ -262,8 +273,9 @@ class ChoiceCache:
         self._entries.update(found)  # the file's choice over one only in this process's memory
         self._saved.update(found)
         self._read_up_to = start + len(data) - len(unfinished)
-        # With lines that are not choices, the next save writes the file again without them.
-        self._file = None if unusable else _file_identity(status)
+        # With lines that are not choices, or one without its newline, the next save writes the
+        # file again.
+        self._file = None if unusable or unterminated else _file_identity(status)
         if unusable and warn:
             _warn(f"{unusable} lines of the choice cache {self.path} are not choices; they are "
                   "ignored")  # fmt: skip
@@ -279,19 +291,19 @@ class ChoiceCache:
         handle.seek(self._read_up_to - 1)
         return handle.read(1) == b"\n"  # where it stopped, a line ended
 
-    def get(self, key: str, paths=PATHS) -> Choice | None:
-        """The saved choice for key, if it is one of `paths`."""
+    def get(self, key: str) -> Choice | None:
+        """The saved choice for key (of the key's kind: `_record_in` checked it)."""
         entry = self.entries.get(key)
-        return Choice(**entry) if entry is not None and entry["path"] in paths else None
+        return None if entry is None else Choice(**entry)
 
     def put(self, key: str, choice: Choice) -> Choice:
         """Save choice for key, and return it; or the choice another process saved for key
         first (processes started together then take the same paths, so give the same bits)."""
         with self._lock:
-            # Through a symbolic link to the file it names (a cache shared that way stays so).
-            target = self.path.resolve()
             entries = self.entries
             try:
+                # Through a symbolic link to the file it names (a cache shared that way stays so).
+                target = _resolve(self.path)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with _one_process_at_a_time(target):  # else two appends could interleave
                     self._read_new_lines(target, warn=False)
@@ -342,6 +354,23 @@ def _file_identity(status: os.stat_result) -> tuple[int, int]:
     return status.st_dev, status.st_ino
 
 
+def _resolve(path: Path) -> Path:
+    """path.resolve(), with a loop of symbolic links an OSError, as on Python 3.13 (before, a
+    RuntimeError)."""
+    try:
+        return path.resolve()
+    except RuntimeError:
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path)) from None
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
 def _header_problem(line: bytes) -> str | None:
     """Why the first line of a cache file makes it unusable, or None."""
     try:
@@ -364,7 +393,7 @@ def _record_in(line: bytes) -> tuple[str, dict] | None:
     if not isinstance(record, dict) or record.keys() != {"key", "choice"}:
         return None
     key, entry = record["key"], record["choice"]
-    return (key, entry) if isinstance(key, str) and _is_choice(entry) else None
+    return (key, entry) if isinstance(key, str) and _is_choice(key, entry) else None
 
 
 @contextlib.contextmanager
@@ -381,8 +410,9 @@ def _one_process_at_a_time(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _is_choice(entry) -> bool:
-    """An entry `Choice(**entry)` rebuilds: its fields, and nothing else."""
+def _is_choice(key: str, entry) -> bool:
+    """An entry `Choice(**entry)` rebuilds, its fields and nothing else, whose path is of key's
+    kind (a layout for a model's layout, a layer's path for a layer)."""
     if not isinstance(entry, dict) or not entry.keys() <= CHOICE_FIELDS:
         return False
     times = entry.get("times_ms")
@@ -390,7 +420,13 @@ def _is_choice(entry) -> bool:
         isinstance(times, dict) and all(isinstance(t, int | float) for t in times.values())
     ):
         return False
-    return entry.get("path") in (*PATHS, *LAYOUTS) and isinstance(entry.get("reason"), str)
+    return entry.get("path") in _paths_for(key) and isinstance(entry.get("reason"), str)
+
+
+def _paths_for(key: str):
+    """The paths a choice for key takes: LAYOUTS for a model's layout, else PATHS."""
+    parts = key.split("|", 2)
+    return LAYOUTS if len(parts) > 1 and parts[1].endswith(LAYOUT_SUFFIX) else PATHS
 
 
 def _stamp_changes(old) -> str:
@@ -578,15 +614,25 @@ def runs_pytorch_by_rule(x: Tensor) -> bool:
 
 def _cannot_time(device: torch.device) -> bool:
     """Where timing runs would be recorded, refused or counted: a torch.jit trace, a CUDA graph
-    capture, a functorch transform (vmap, grad), a dispatch mode (FlopCounterMode...), or with
-    saved-tensor hooks turned off (timing hides its graphs from the caller's: `_unseen`)."""
+    capture, a functorch transform (vmap, grad), a dispatch mode (FlopCounterMode...), a
+    torch-function mode, a profiler, or with saved-tensor hooks turned off (timing hides its
+    graphs from the caller's: `_unseen`)."""
     return (
         torch.jit.is_tracing()
         or in_functorch_transform()
         or torch._C._len_torch_dispatch_stack() > 0
+        or _in_torch_function_mode()
+        or torch._C._autograd._profiler_enabled()  # torch.profiler, torch.autograd.profiler
         or not torch._C._autograd._saved_tensors_hooks_is_enabled()
         or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
     )
+
+
+def _in_torch_function_mode() -> bool:
+    """Whether a TorchFunctionMode sees the calls made here, other than `torch.device(...)` or
+    `torch.set_default_device`'s, which only picks the device of new tensors (as torch's own
+    checkpoint treats it)."""
+    return any(not isinstance(mode, DeviceContext) for mode in _get_current_function_mode_stack())
 
 
 def _same(tensor: Tensor) -> Tensor:
@@ -623,27 +669,28 @@ def choose_path(op: str, fastunet_fn: Callable, args: tuple) -> Choice:
         choice = Choice("torch", f"no fastunet kernel serves it: {backend.reason}")
     else:
         try:
-            choice = _saved_or_measured(
-                key, x.device, PATHS, lambda: measure(op, fastunet_fn, args)
-            )
+            choice = _saved_or_measured(key, x.device, lambda: measure(op, fastunet_fn, args))
         except torch.cuda.OutOfMemoryError:
             # Timing needs memory the step itself does not (a second forward and backward of
             # the layer, do_bench's 256 MB L2 flush): a model that fills the GPU runs the path it
             # would have run without fastunet. Kept in this process, not saved.
             choice = OUT_OF_MEMORY_CHOICE
     if choice is None:
-        return Choice("fastunet", "not measured yet, and nothing is timed here (a trace, a CUDA "
-                      "graph capture, vmap, a dispatch mode)")  # fmt: skip
+        return Choice(
+            "fastunet",
+            "not measured yet, and nothing is timed here (a trace, a CUDA graph capture, vmap, "
+            "a dispatch or torch-function mode, a profiler)",
+        )
     _decided[memo] = choice
     return choice
 
 
-def _saved_or_measured(key: str, device: torch.device, paths, timings) -> Choice | None:
+def _saved_or_measured(key: str, device: torch.device, timings) -> Choice | None:
     """The choice saved for key, else the fastest of `timings()` (name -> ms, or None where the
     caller would see the runs), saved now; None where nothing can be timed. Ties go to the later
     name: PyTorch's own path for a layer."""
     cache = cache_for(device)
-    choice = cache.get(key, paths)
+    choice = cache.get(key)
     if choice is None and not _cannot_time(device):
         with _unseen():
             times = timings()
@@ -710,9 +757,9 @@ def choose_layout(
     choice = _decided.get(memo)
     if choice is None or _recording is not None:
         described = ["x".join(map(str, x.shape)), *(f"{k}={v}" for k, v in settings)]
-        key = _text_key(f"{model}-layout", x, training, described)
+        key = _text_key(model + LAYOUT_SUFFIX, x, training, described)
     if choice is None:
-        choice = _saved_or_measured(key, x.device, LAYOUTS, lambda: None if watched(module)
+        choice = _saved_or_measured(key, x.device, lambda: None if watched(module)
                                     else _measure_layouts(run, x, module, training))  # fmt: skip
         if choice is None:
             return memory_format_of(x)
@@ -724,8 +771,9 @@ def choose_layout(
 
 def _measure_layouts(run, x: Tensor, module, training: bool) -> dict[str, float]:
     """Median ms of `run` with x in each layout: forward alone, or forward and backward to the
-    parameters (and x if it needs a gradient), on fresh leaves, so nothing gathers a gradient.
-    The layer calls made while timing are not recorded."""
+    parameters that `run` reaches (a subclass may hold more) and x if it needs a gradient, on
+    fresh leaves, so nothing gathers a gradient. The layer calls made while timing are not
+    recorded."""
     global _recording
     leaves = {name: in_memory_format(x.detach(), layout).requires_grad_(x.requires_grad)
               for name, layout in LAYOUTS.items()}  # fmt: skip
@@ -737,8 +785,9 @@ def _measure_layouts(run, x: Tensor, module, training: bool) -> dict[str, float]
                 run(leaf)
             return
         out = run(leaf)
-        wrt = [*needs_grad, leaf] if leaf.requires_grad else needs_grad
-        torch.autograd.grad(out, wrt, torch.ones_like(out))
+        if out.requires_grad:  # not where only parameters that `run` does not reach train
+            wrt = [*needs_grad, leaf] if leaf.requires_grad else needs_grad
+            torch.autograd.grad(out, wrt, torch.ones_like(out), allow_unused=True)
 
     steps = {name: lambda _, leaf=leaf: step(leaf) for name, leaf in leaves.items()}
     outer, _recording = _recording, None
@@ -786,5 +835,15 @@ def describe(device: torch.device) -> dict:
         "rule": None if rule is None else f"{rule.path}: {rule.reason}",
         "unet_layout": layout,
         "cache_file": str(path),
-        "cached": len(cache_for(device).entries),
+        "cached": _cached_counts(device),
+    }
+
+
+def _cached_counts(device: torch.device) -> dict[str, dict[str, int]]:
+    """How many of the cached choices for `device` took each path: the layers' and the models'
+    layouts."""
+    taken = Counter(entry["path"] for entry in cache_for(device).entries.values())
+    return {
+        "layers": {path: taken[path] for path in PATHS},
+        "layouts": {layout: taken[layout] for layout in LAYOUTS},
     }
