@@ -6,6 +6,8 @@ says (`fastunet.ops._choice`): a module is never slower than the torch.nn layers
 
 from __future__ import annotations
 
+import operator
+
 from torch import Tensor, nn
 
 from fastunet import ops
@@ -47,8 +49,11 @@ class Conv2dReLU(NotScriptable, nn.Conv2d):
         device=None,
         dtype=None,
     ):
-        if not isinstance(padding, int):
+        # A numpy integer too, as nn.Conv2d takes it, made a plain int: the op calls get no
+        # dispatcher to convert it. Not a bool, which nn.Conv2d's forward refuses.
+        if isinstance(padding, bool) or not hasattr(type(padding), "__index__"):
             raise TypeError(f"Conv2dReLU: padding must be an int, got {padding!r}")
+        padding = operator.index(padding)
         super().__init__(
             in_channels, out_channels, kernel_size, padding=padding, bias=bias,
             device=device, dtype=dtype,
@@ -80,7 +85,7 @@ class UpsampleConcat(NotScriptable, nn.Module):
         super().__init__()
         # Here, not at the first call: PyTorch's path (the CPU's) would take other modes.
         check_mode("UpsampleConcat", mode, align_corners)
-        self.mode, self.align_corners = mode, align_corners
+        self.mode, self.align_corners = mode, bool(align_corners)  # as UNet takes it
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
         return run_layer(

@@ -3,6 +3,7 @@
 import functools
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from torch.autograd import forward_ad
 from torch.library import opcheck
 
+import fastunet.nn
 from fastunet import ops
 from fastunet.bench.parity import relative_error
 from fastunet.nn import UpsampleConcat
@@ -291,6 +293,11 @@ def test_output_layouts():
         (lambda: UpsampleConcat("nearest", True), ValueError,
          "UpsampleConcat: align_corners=True is for mode 'bilinear'"),
         (lambda: UpsampleConcat("bicubic"), ValueError, "UpsampleConcat: mode must be one of"),
+        # nn.Conv2d takes it, and its forward refuses it
+        (lambda: fastunet.nn.Conv2dReLU(3, 4, 3, padding=True), TypeError,
+         "padding must be an int, got True"),
+        (lambda: fastunet.nn.Conv2dReLU(3, 4, 3, padding="same"), TypeError,
+         "padding must be an int, got 'same'"),
         (lambda: ops.upsample_concat(torch.randn(1, 3, 4, 4).double(), torch.randn(1, 3, 8, 8)),
          TypeError, "skip is torch.float32 but x is torch.float64"),
         (lambda: ops.upsample_concat(torch.randn(1, 3, 4, 4),
@@ -304,6 +311,44 @@ def test_output_layouts():
 def test_bad_arguments_get_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def _layer_and_pytorch(case, device):
+    """(fastunet.nn layer, its torch.nn / F counterpart with the same weights, inputs)."""
+    kind, *arguments = LAYER_CASES[case]
+    x = torch.randn(arguments[0], device=device)
+    if kind == "pool":
+        x = x if arguments[1:] == [] else (x * 9).to(arguments[1])
+        return fastunet.nn.MaxPool2d(), lambda t: F.max_pool2d(t, 2), (x,)
+    if kind == "upsample":
+        skip = torch.randn(arguments[1], device=device)
+        layer = UpsampleConcat("bilinear", arguments[2])
+        return layer, lambda a, b: torch_upsample_concat(a, b, "bilinear", True), (x, skip)
+    c_in, padding = arguments[1:]
+    layer = fastunet.nn.Conv2dReLU(c_in, 4, 3, padding=padding).to(device)
+    pytorch = torch.nn.Conv2d(c_in, 4, 3, padding=padding).to(device)
+    pytorch.load_state_dict(layer.state_dict())
+    return layer, lambda t: F.relu(pytorch(t)), (x,)
+
+
+# (kind, input shape, ...): what torch.nn's layers take and fastunet's ops do not, or arguments
+# the ops' schemas would convert.
+LAYER_CASES = {
+    "unbatched-conv": ("conv", (3, 5, 6), 3, 1),
+    "conv-without-input-channels": ("conv", (2, 0, 5, 5), 0, 1),
+    "conv-numpy-padding": ("conv", (1, 3, 5, 5), 3, np.int64(2)),
+    "unbatched-pool": ("pool", (3, 6, 7)),
+    "integer-pool": ("pool", (1, 2, 4, 4), torch.int64),
+    "align-corners-1": ("upsample", (1, 2, 3, 3), (1, 1, 6, 7), 1),
+}
+
+
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_a_layer_takes_what_its_pytorch_counterpart_takes(backend, case):
+    """On every path. Before, these ran on the CPU's PyTorch path but raised where the layer
+    runs fastunet's op (a GPU, the interpreter, a forced backend)."""
+    layer, pytorch, inputs = _layer_and_pytorch(case, backend_device(backend))
+    torch.testing.assert_close(layer(*inputs), pytorch(*inputs), rtol=1e-5, atol=1e-5)
 
 
 def test_forced_backend_is_validated(monkeypatch):

@@ -704,6 +704,8 @@ def _saved_or_measured(key: str, device: torch.device, timings) -> Choice | None
 
 def run_layer(op: str, fastunet_fn: Callable, *args):
     """`fastunet_fn(*args)` or PyTorch's own path for `op`, as this layer's choice says."""
+    if not _op_takes(args[0]):
+        return TORCH_PATHS[op](*args)
     if torch.compiler.is_compiling():  # traced, not run: the op goes into the graph
         return fastunet_fn(*args)
     if inside_pytorch_by_rule():
@@ -713,6 +715,13 @@ def run_layer(op: str, fastunet_fn: Callable, *args):
     if choice.path == "fastunet":
         return call(fastunet_fn, *args)
     return TORCH_PATHS[op](*args)
+
+
+def _op_takes(x) -> bool:
+    """Whether fastunet's ops take x: a batched 4-D floating-point tensor with channels. A layer
+    gives the rest (an unbatched image, an integer max-pool, no channels) to PyTorch's path, on
+    every device, which takes it as torch.nn's layers do or says why not."""
+    return isinstance(x, Tensor) and x.dim() == 4 and x.is_floating_point() and x.shape[1] > 0
 
 
 def _record(op: str, args: tuple, choice: Choice) -> None:
