@@ -138,6 +138,28 @@ def test_input_layouts_give_the_same_result(torch_backend, layout):
         assert out.is_contiguous()
 
 
+def _gradient_penalty_step(model, x):
+    """A gradient penalty's step (as WGAN-GP or R1 regularisation takes): the input gradient's
+    squared norm, differentiated again to the weights and the input."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    (grad_x,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+    grad_x.square().sum().backward()
+    return x.grad, {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("upsample", ["nearest", "bilinear"])
+def test_a_gradient_penalty_matches_the_reference(torch_backend, upsample):
+    reference, fast = make_pair(depth=2, upsample=upsample)
+    x = torch.randn(2, 3, 12, 10)
+    grad_x_ref, grads_ref = _gradient_penalty_step(reference, x)
+    grad_x, grads = _gradient_penalty_step(fast, x)
+    assert relative_error(grad_x, grad_x_ref) <= FP32_TOLERANCE
+    assert grads.keys() == grads_ref.keys()
+    for name, grad in grads.items():
+        assert relative_error(grad, grads_ref[name]) <= FP32_TOLERANCE, name
+
+
 def test_batch_of_zero_gives_an_empty_result(torch_backend):
     reference, fast = make_pair(depth=2)
     x = torch.randn(0, 3, 8, 8, requires_grad=True)
