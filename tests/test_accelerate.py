@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -171,6 +172,34 @@ def test_matches_the_original_and_runs_fastunet_ops(case, torch_backend):
         assert counts["fastunet::max_pool2d_backward"] == case.ops[POOL]
 
 
+def _gradient_penalty_step(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient of a gradient penalty: the input gradient's squared norm."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().to(next(model.parameters()).dtype).requires_grad_()
+    (grad_x,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+    grad_x.square().sum().backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["milesial-bilinear", "reference-bilinear-odd"])
+def test_a_gradient_penalty_matches_the_originals(name, torch_backend):
+    """create_graph=True through the ops' backward (conv + BatchNorm + ReLU chains, max-pool,
+    upsample + cat); before, it raised "no autograd formula"."""
+    case = next(case for case in CASES if case.name == name)
+    torch.manual_seed(0)
+    original = case.build()
+    fast = fastunet.accelerate(original)
+    x = torch.randn(2, 3, case.size, case.size)
+    fast(x)  # the first call traces the forward; the second runs the ops
+    truth = _gradient_penalty_step(copy.deepcopy(original).double(), x)
+    theirs = _gradient_penalty_step(original, x)
+    with OpCounter() as counter:
+        ours = _gradient_penalty_step(fast, x)
+    assert counter.counts[CONV] > 0
+    for key, value in ours.items():
+        assert_close(key, value, theirs[key], truth[key])
+
+
 @pytest.mark.parametrize("case", CASES[:1] + CASES[-1:], ids=lambda case: case.name)
 def test_state_dict_round_trip(case, torch_backend):
     torch.manual_seed(0)
@@ -206,6 +235,37 @@ def test_inplace_keeps_the_parameters(torch_backend):
     before = parameters[0].detach().clone()
     optimizer.step()
     assert not torch.equal(parameters[0], before)
+
+
+def _holding_more(conv: nn.Conv2d) -> nn.Conv2d:
+    """The conv with what users register on one: a mask buffer, a gain and a tag."""
+    conv.register_buffer("mask", torch.ones_like(conv.weight))
+    conv.gain = nn.Parameter(torch.full((1,), 0.5))
+    conv.tag = "mine"
+    return conv
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_conv_keeps_its_buffers_parameters_and_attributes(inplace, torch_backend):
+    """A Conv2d becomes a FusedConv2d by a change of its class, so what is registered on it
+    stays. (A new FusedConv2d took over weight and bias alone: the state_dict lost keys, an
+    optimizer built after lost the gain, the original's checkpoint no longer loaded strictly.)"""
+    torch.manual_seed(0)
+    original = nn.Sequential(
+        _holding_more(nn.Conv2d(3, 4, 3, padding="same")), nn.ReLU(),  # a chain
+        _holding_more(nn.Conv2d(4, 2, 1)),  # a conv alone
+    )  # fmt: skip
+    reference = copy.deepcopy(original)
+    keys, parameters = list(original.state_dict()), list(original.parameters())
+    fast = fastunet.accelerate(original, inplace=inplace)
+    assert [type(fast[i]).__name__ for i in (0, 2)] == ["FusedConv2d", "FusedConv2d"]
+    assert list(fast.state_dict()) == keys and len(list(fast.parameters())) == len(parameters)
+    assert all((a is b) == inplace for a, b in zip(fast.parameters(), parameters, strict=True))
+    assert fast[0].tag == fast[2].tag == "mine" and fast[0].padding == (1, 1)  # was "same"
+    fast.load_state_dict(reference.state_dict(), strict=True)
+    for _ in range(2):
+        counts = compare(reference, fast, torch.randn(2, 3, 8, 8))
+        assert counts[CONV] == 2
 
 
 def test_a_pruned_model_that_cannot_be_copied_says_to_accelerate_it_in_place(torch_backend):
@@ -426,6 +486,20 @@ def test_torch_jit_trace_of_a_block_given_sizes(warm_up, torch_backend):
     assert "fastunet::conv2d_relu" in str(traced.inlined_graph)
 
 
+def test_torch_jit_trace_checks_a_sequential_leaky_relu_chain(torch_backend):
+    """jit.trace checks its graph by tracing again under no_grad, and a Sequential's conv +
+    LeakyReLU ran the LeakyReLU apart where autograd records, in the op elsewhere: the graphs
+    differed and the check failed. Inside a jit trace it runs apart, right in both modes, so the
+    traced graph trains too."""
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.LeakyReLU(0.1), nn.Conv2d(4, 2, 1))
+    fast = fastunet.accelerate(original)
+    x = torch.randn(2, 3, 8, 8)
+    traced = torch.jit.trace(fast, x)  # check_trace=True, as by default
+    assert "fastunet::conv2d_relu" in str(traced.inlined_graph)
+    compare(original, traced, x, count=False)
+
+
 def test_report_says_what_was_replaced_and_what_was_left(torch_backend):
     fast = fastunet.accelerate(SmpStyleUNet(3, 2, (4, 8, 8, 16), (8, 8, 4, 4)))
     report = fastunet.acceleration_report(fast)
@@ -507,6 +581,15 @@ def _weight_normed_conv() -> nn.Conv2d:
     return nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3, padding=1))
 
 
+def _doubled(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return 2 * nn.Conv2d.forward(conv, x)
+
+
+def _forward_on_the_instance(conv: nn.Conv2d) -> nn.Conv2d:
+    conv.forward = types.MethodType(_doubled, conv)  # deepcopy binds it to the copy
+    return conv
+
+
 def _hooked(layer: nn.Module) -> nn.Module:
     layer.register_forward_hook(lambda module, args, out: None)
     return layer
@@ -527,6 +610,8 @@ LAYERS = {
     "conv-padding-1x2": (lambda: nn.Conv2d(3, 4, 3, padding=(1, 2)), "pads H and W alike"),
     "conv-subclass": (lambda: _Conv2dSubclass(3, 4, 3, padding=1), "subclasses nn.Conv2d"),
     "conv-weight-norm": (_weight_normed_conv, "parametrized"),
+    "conv-instance-forward": (lambda: _forward_on_the_instance(nn.Conv2d(3, 4, 3, padding=1)),
+                              "forward is set on the instance"),
     "conv-hooked": (lambda: _hooked(nn.Conv2d(3, 4, 3, padding=1)), "hooks"),
     "pool": (lambda: nn.MaxPool2d((2, 2)), ""),
     "pool-3": (lambda: nn.MaxPool2d(3), "kernel_size=3"),
@@ -709,6 +794,95 @@ def test_value_branch_is_reported(torch_backend):
     fast(torch.randn(1, 3, 8, 8))
     (row,) = fastunet.acceleration_report(fast).left()
     assert row.pattern == "forward" and "not traceable" in row.why
+
+
+class _UpConvBatchNormReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2)
+        self.conv, self.bn = nn.Conv2d(7, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, low, skip):
+        return F.relu(self.bn(self.conv(torch.cat([skip, self.up(low)], 1))))
+
+
+REPLACEMENTS = {
+    "conv": lambda: nn.Conv2d(7, 3, 3, padding=1),
+    "bn": lambda: nn.GroupNorm(1, 3),
+    "up": lambda: nn.Upsample(scale_factor=2, mode="bilinear"),
+}
+
+
+@pytest.mark.parametrize("name", REPLACEMENTS)
+def test_a_layer_replaced_after_its_trace_computes_as_itself(name, torch_backend):
+    """A layer set in place of one that a trace put on an op (`block.conv = nn.Conv2d(...)`):
+    the generated code called the op for the old one's kind (`conv.run`, an AttributeError on
+    a plain Conv2d; a GroupNorm folded as a BatchNorm; the old upsample's mode). The signature
+    is traced again at its next call, with the new layer."""
+    torch.manual_seed(0)
+    original = _KeywordCalls(lambda up, low, skip: up(low, skip))
+    original.up = _UpConvBatchNormReLU()
+    fast = fastunet.accelerate(original.eval())  # eval: the BatchNorm2d folds
+    x = torch.randn(2, 3, 8, 6)
+    for _ in range(2):  # traces, then runs the trace
+        counts = compare(original, fast, x)
+    assert counts[UPCAT] == 1 and counts[CONV] == 2
+    setattr(original.up, name, REPLACEMENTS[name]().eval())
+    setattr(fast.up, name, copy.deepcopy(getattr(original.up, name)))
+    for _ in range(2):
+        counts = compare(original, fast, x)
+    assert counts[UPCAT] == 1  # traced again: the decoder's upsample + cat is still on its op
+    assert counts[CONV] == (1 if name == "conv" else 2)  # a Conv2d set later is as it is
+
+
+class _Switches(nn.Module):
+    """A forward that branches on attributes, as flags for deep supervision or for returning
+    features do: one read by the forward, one by a helper it calls, one a class default."""
+
+    mode = "nearest"
+
+    def __init__(self):
+        super().__init__()
+        self.down, self.conv = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(8, 2, 3, padding=1)
+        self.use_skip, self.scale = True, 1.0
+
+    def skip(self, s):
+        return s * self.scale if self.use_skip else torch.zeros_like(s)
+
+    def forward(self, x):
+        s = F.relu(self.down(x))
+        up = F.interpolate(F.max_pool2d(s, 2), scale_factor=2, mode=self.mode)
+        return self.conv(torch.cat([self.skip(s), up], 1))
+
+
+def test_a_forward_that_branches_on_an_attribute_follows_it(torch_backend):
+    """The trace took the branches of the attribute values it saw: after `use_skip = False` the
+    traced code kept the skip connection, silently. Scalar attributes its code reads are part of
+    the call signature, so a change traces the forward again, and a change back finds its
+    trace."""
+    torch.manual_seed(0)
+    original = _Switches().eval()
+    fast = fastunet.accelerate(original)
+    assert fast.forward.forward.attributes == ("mode", "scale", "use_skip")
+    x = torch.randn(2, 3, 8, 8)
+    changes = [("use_skip", False), ("scale", 0.5), ("mode", "bilinear")]
+    changes += [(name, getattr(original, name)) for name, _ in reversed(changes)]  # and back
+    for name, value in [(None, None), *changes]:
+        if name:
+            setattr(original, name, value)
+            setattr(fast, name, value)
+        for _ in range(2):
+            counts = compare(original, fast, x)
+        assert counts[UPCAT] == 1 and counts[POOL] == 1
+    assert len(fast.forward.forward.traced) == 4
+    original.scale = fast.scale = torch.tensor(0.5)  # no scalar: no key, runs as written
+    compare(original, fast, x)
+    (row,) = fastunet.acceleration_report(fast).left()
+    assert "no longer None or a scalar" in row.why
+    # An attribute the forward sets is no branch: its trace is refused anyway.
+    assert fastunet.accelerate(_UntraceablePython("attributes")).forward.forward.attributes == (
+        "kind",
+    )
 
 
 def test_training_batch_norm_in_an_eval_model_is_not_folded(torch_backend):

@@ -143,8 +143,14 @@ class Chain:
     def activation_apart(self, x: Tensor) -> bool:
         """Whether the LeakyReLU (not in place) runs on its own, after the op: where autograd
         records the call. PyTorch's saves its input, the op its output, so a caller that changes
-        the output in place (`out += identity`) would make the backward raise."""
-        if not self.negative_slope or self.activation_in_place or not torch.is_grad_enabled():
+        the output in place (`out += identity`) would make the backward raise. Always inside
+        torch.jit.trace, whose graph must not depend on the grad mode (its check traces again
+        under no_grad) and may be trained."""
+        if not self.negative_slope or self.activation_in_place:
+            return False
+        if torch.jit.is_tracing():
+            return True
+        if not torch.is_grad_enabled():
             return False
         return x.requires_grad or any(
             p.requires_grad for layer in self.layers for p in layer.parameters(recurse=False)
@@ -163,17 +169,21 @@ class Chain:
 
 
 class FusedConv2d(NotScriptable, nn.Conv2d):
-    """nn.Conv2d (stride 1, zero padding) on fastunet's conv op. Same parameters as the Conv2d;
-    a ChainForward computes the layers after it in the same op (`run`)."""
+    """nn.Conv2d (stride 1, zero padding) on fastunet's conv op; a ChainForward computes the
+    layers after it in the same op (`run`)."""
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, padding: int) -> FusedConv2d:
-        fused = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, padding=padding,
-            bias=conv.bias is not None, device="meta",
-        )  # fmt: skip
-        fused.weight, fused.bias = conv.weight, conv.bias
-        return fused.train(conv.training)
+    def adopt(cls, conv: nn.Conv2d) -> FusedConv2d:
+        """conv itself, made a FusedConv2d by a change of its class, so it keeps whatever it
+        holds (a mask buffer, a gain, a tag). A padding written "same" or "valid" becomes its
+        amounts, which the op takes: the same convolution, as `swap.conv_support` lets "same"
+        through with an odd square kernel only."""
+        if conv.padding == "same":
+            conv.padding = (conv.kernel_size[0] // 2,) * 2
+        elif conv.padding == "valid":
+            conv.padding = (0, 0)
+        conv.__class__ = cls
+        return conv
 
     def forward(self, x: Tensor) -> Tensor:
         if inside_pytorch_by_rule():  # as written

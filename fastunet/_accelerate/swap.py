@@ -33,35 +33,32 @@ def join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def conv_padding(conv: nn.Module) -> tuple[int | None, str]:
-    """(the op's padding, "") for a Conv2d that fastunet's op computes, else (None, why not)."""
+def conv_support(conv: nn.Module) -> str:
+    """Why fastunet's conv op does not compute this layer as a FusedConv2d, or "" when it does."""
     if not isinstance(conv, nn.Conv2d):
-        return None, f"{type(conv).__name__}: only nn.Conv2d has a fastunet op"
+        return f"{type(conv).__name__}: only nn.Conv2d has a fastunet op"
     if nn.utils.parametrize.is_parametrized(conv):  # before the subclass check: it is one
-        return None, "its weight is parametrized"
+        return "its weight is parametrized"
     if type(conv) is not nn.Conv2d:
-        return None, f"{type(conv).__name__} subclasses nn.Conv2d: its forward may differ"
+        return f"{type(conv).__name__} subclasses nn.Conv2d: its forward may differ"
+    if "forward" in vars(conv):
+        return "its forward is set on the instance"
     if conv.stride != (1, 1):
-        return None, f"stride {conv.stride}: the op is stride 1"
+        return f"stride {conv.stride}: the op is stride 1"
     if conv.dilation != (1, 1):
-        return None, f"dilation {conv.dilation}: the op is dilation 1"
+        return f"dilation {conv.dilation}: the op is dilation 1"
     if conv.groups != 1:
-        return None, f"groups={conv.groups}: the op is groups 1"
+        return f"groups={conv.groups}: the op is groups 1"
     if conv.padding_mode != "zeros":
-        return None, f"padding_mode={conv.padding_mode!r}: the op pads with zeros"
+        return f"padding_mode={conv.padding_mode!r}: the op pads with zeros"
     if has_hooks(conv):
-        return None, "it has hooks"
-    padding = conv.padding
-    if padding == "valid":
-        return 0, ""
-    if padding == "same":
-        kh, kw = conv.kernel_size
-        if kh % 2 == 1 and kh == kw:
-            return kh // 2, ""
-        return None, f"padding='same' with kernel {conv.kernel_size} is not one symmetric amount"
-    if padding[0] != padding[1]:
-        return None, f"padding {padding}: the op pads H and W alike"
-    return padding[0], ""
+        return "it has hooks"
+    padding, (kh, kw) = conv.padding, conv.kernel_size
+    if padding == "same" and not (kh % 2 == 1 and kh == kw):
+        return f"padding='same' with kernel {conv.kernel_size} is not one symmetric amount"
+    if padding not in ("same", "valid") and padding[0] != padding[1]:
+        return f"padding {padding}: the op pads H and W alike"
+    return ""
 
 
 def pool_support(pool: nn.MaxPool2d) -> str:
@@ -171,8 +168,7 @@ def _fuse_run(slots: list[Slot], uses: Counter, notes: dict, report: Acceleratio
     while i < len(slots):
         slot = slots[i]
         conv = slot.module
-        padding, _ = conv_padding(conv)
-        if padding is None or uses[id(conv)] > 1:
+        if conv_support(conv) or uses[id(conv)] > 1:
             i += 1
             continue
         chain, last, stopped_at = _chain_after(slots, i, conv, uses)
@@ -180,10 +176,9 @@ def _fuse_run(slots: list[Slot], uses: Counter, notes: dict, report: Acceleratio
             notes[id(conv)] = _stop_note(stopped_at)
             i += 1
             continue
-        fused = FusedConv2d.from_conv(conv, padding)
-        chain.layers = (fused, *(slots[j].module for j in range(i + 1, last + 1)))
-        setattr(slot.parent, slot.name, fused)
-        chains[fused] = chain
+        FusedConv2d.adopt(conv)
+        chain.layers = (conv, *(slots[j].module for j in range(i + 1, last + 1)))
+        chains[conv] = chain
         why = "folds while the BatchNorm2d is in eval mode" if chain.batch_norm else ""
         if any(isinstance(m, nn.Dropout | nn.Dropout2d) for m in chain.noops):
             why = (why + "; " if why else "") + "folds while dropout is off"
@@ -208,26 +203,20 @@ def _fuse_sequentials(module: nn.Module, path: str, uses, notes, report, seen: s
         _fuse_sequentials(child, child_path, uses, notes, report, seen)
 
 
-def _replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    for parent in model.modules():
-        for name, child in parent._modules.items():
-            if child is old:
-                setattr(parent, name, new)
-
-
 def swap_modules(model: nn.Module, report: AccelerationReport) -> None:
-    """Fuse the chains of every plain Sequential, then put FusedConv2d and AcceleratedMaxPool2d
-    in place of the remaining Conv2d and MaxPool2d layers."""
+    """Fuse the chains of every plain Sequential, then make the remaining Conv2d and MaxPool2d
+    layers FusedConv2d and AcceleratedMaxPool2d: a change of class, so each keeps what it holds
+    and stays wherever it is used."""
     uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     notes: dict[int, str] = {}
     _fuse_sequentials(model, "", uses, notes, report, set())
     for path, module in list(model.named_modules()):
         if isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, FusedConv2d):
-            padding, why = conv_padding(module)
-            if padding is None:
+            why = conv_support(module)
+            if why:
                 report.add(path, type(module).__name__, LEFT, why)
                 continue
-            _replace_everywhere(model, module, FusedConv2d.from_conv(module, padding))
+            FusedConv2d.adopt(module)
             report.add(path, "conv2d", CONV_OP, notes.get(id(module), ""))
         elif isinstance(module, nn.MaxPool2d):
             why = pool_support(module)

@@ -5,8 +5,9 @@ shapes (MONAI's UpCat pads only where sizes differ) or on optional arguments (a 
 without a skip). torch.fx traces such code wrongly or not at all: a shape comparison on a Proxy
 raises, and `isinstance(proxy, torch.Tensor)` is False, so fx silently takes MONAI's no-skip
 branch. So the forward is traced per call signature (input shapes, dtypes, devices, which
-arguments are None, the scalar arguments, training, grad and autocast mode), right after the first
-call with that signature has run as written:
+arguments are None, the scalar arguments, training, grad and autocast mode, the module's scalar
+attributes that its code reads), right after the first call with that signature has run as
+written:
 
 - that call records the output shape of each layer it calls (forward hooks);
 - fx then traces the forward with those shapes concrete: `x.shape`, `x.size()`, `x.dim()` (and
@@ -16,7 +17,8 @@ call with that signature has run as written:
   the forward as written;
 - the graph's patterns are rewritten onto fastunet's ops and the code is generated once; later
   calls with the signature run it, bound to the live module (so `.to()`, `load_state_dict` and
-  train/eval apply).
+  train/eval apply), while the layers whose calls it put on ops are still in place (a replaced
+  one makes the signature trace again).
 
 Under torch.compile nothing is traced: a signature already seen runs its generated code (dynamo
 inlines it), any other runs the forward as written.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dis
 import functools
 import inspect
 import operator
@@ -79,12 +82,16 @@ MISSING = _Missing()
 # ---------------------------------------------------------------- which forwards, which calls
 
 
-def _code_names(code: types.CodeType) -> set[str]:
-    names = set(code.co_names)
+def _codes(code: types.CodeType) -> Iterator[types.CodeType]:
+    """The code and the code nested in it (lambdas, comprehensions, inner functions)."""
+    yield code
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names |= _code_names(const)
-    return names
+            yield from _codes(const)
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    return {name for nested in _codes(code) for name in nested.co_names}
 
 
 # Forwards never traced: torch's layers, and fastunet's own (already on the ops).
@@ -101,6 +108,42 @@ def wants_trace(module: nn.Module) -> bool:
         code is not None
         and "forward" not in vars(module)
         and bool(_code_names(code) & PATTERN_NAMES)
+    )
+
+
+def _is_scalar(value) -> bool:
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+def branch_attributes(module: nn.Module) -> tuple[str, ...]:
+    """The attributes of the module whose values every call's key holds, since its forward may
+    branch on them (`self.use_skip`, `self.deep_supervision`): those whose values (on the
+    instance, or on its class) are None, bool, int, float or str and whose names its code reads,
+    or the code of the methods and properties of its class that it names (a helper may read
+    them). Not `training`, which every key holds, nor one the code sets (`self.calls += 1`: the
+    trace refuses that forward)."""
+    cls = type(module)
+    read, written, pending = set(), set(), [cls.forward]
+    while pending:
+        for code in _codes(pending.pop().__code__):
+            written.update(
+                instruction.argval
+                for instruction in dis.get_instructions(code)
+                if instruction.opname in ("STORE_ATTR", "DELETE_ATTR")
+            )
+            for name in set(code.co_names) - read:
+                read.add(name)
+                owner = next((c for c in cls.__mro__ if name in vars(c)), None)
+                if owner is None or owner.__module__.startswith(OWN_MODULES):
+                    continue
+                member = vars(owner)[name]
+                member = member.fget if isinstance(member, property) else member
+                member = getattr(member, "__func__", member)  # a staticmethod or classmethod
+                if hasattr(member, "__code__"):
+                    pending.append(member)
+    names = read - written - {"training"}
+    return tuple(
+        sorted(name for name in names if _is_scalar(inspect.getattr_static(module, name, MISSING)))
     )
 
 
@@ -141,9 +184,11 @@ class Signature:
         return tuple(values) if used == len(kwargs) else None
 
 
-def call_key(module: nn.Module, values: tuple) -> tuple | None:
-    """What a traced graph depends on besides the module's configuration; None for arguments
-    other than tensors, None and scalars (such a call runs the forward as written)."""
+def call_key(module: nn.Module, values: tuple, attributes: tuple[str, ...] = ()) -> tuple | None:
+    """What a traced graph depends on besides the module's configuration: the modes, the
+    arguments and the `branch_attributes` named. None for arguments other than tensors, None and
+    scalars, or such an attribute no longer None or a scalar (such a call runs the forward as
+    written)."""
     key = [
         module.training,
         torch.is_grad_enabled(),
@@ -153,10 +198,15 @@ def call_key(module: nn.Module, values: tuple) -> tuple | None:
     for value in values:
         if isinstance(value, Tensor):
             key.append((value.shape, value.dtype, value.device))
-        elif value is None or isinstance(value, bool | int | float | str):
+        elif _is_scalar(value):
             key.append(value)
         else:
             return None
+    for name in attributes:
+        value = getattr(module, name, None)
+        if not _is_scalar(value):
+            return None
+        key.append(value)
     return tuple(key)
 
 
@@ -848,6 +898,31 @@ def _generate(graph: fx.Graph, path: str) -> Callable:
     return namespace["forward"]
 
 
+@dataclass(frozen=True)
+class Trace:
+    """One call signature's trace: its generated code, or None where the forward runs as
+    written; the layers whose calls its ops took over (`fused_layers`), and the links (owner,
+    name, layer) from the traced module down to each of them."""
+
+    generated: Callable | None
+    fused_layers: tuple[nn.Module, ...] = ()
+    links: tuple[tuple[nn.Module, str, nn.Module], ...] = ()
+
+    def holds(self) -> bool:
+        """Whether each fused layer is still where the trace found it: the code calls an op
+        for the layer it was generated for, not for one set in its place since
+        (`block.conv = nn.Conv2d(...)`), which may be of another kind."""
+        # A loop rather than all() over a generator: half the time, and it runs at every call.
+        for owner, name, layer in self.links:  # noqa: SIM110
+            if owner._modules.get(name) is not layer:
+                return False
+        return True
+
+    def observed(self) -> bool:
+        """Whether a hook would see a fused layer's input or output, which the op does not make."""
+        return any(observed(layer) for layer in self.fused_layers)
+
+
 class TracedForward(ForwardStandIn):
     """Stands in for a module's forward: per call signature, the forward traced at the first call
     with that signature and rewritten onto fastunet's ops, or the forward as written when the
@@ -857,7 +932,8 @@ class TracedForward(ForwardStandIn):
         self, module: nn.Module, path: str, signature: Signature, report: AccelerationReport
     ):
         self.module, self.path, self.signature, self.report = module, path, signature, report
-        self.traced: dict[tuple, tuple[Callable | None, tuple[nn.Module, ...]]] = {}
+        self.attributes = branch_attributes(module)
+        self.traced: dict[tuple, Trace] = {}
 
     def __getstate__(self) -> dict:
         # Generated functions do not pickle (torch.save of the whole model): traced again after.
@@ -868,20 +944,25 @@ class TracedForward(ForwardStandIn):
         values = self.signature.bind(args, kwargs)
         if values is None:  # as written: PyTorch raises the call's TypeError
             return type(module).forward(module, *args, **kwargs)
-        key = call_key(module, values)
+        key = call_key(module, values, self.attributes)
         if key is None:
             if not torch.compiler.is_compiling():  # a report row is no part of a graph
-                why = "an argument is not a tensor, None or a scalar (a list?): runs as written"
+                why = (
+                    "an argument is not a tensor, None or a scalar (a list?), or an attribute it "
+                    "may branch on is no longer None or a scalar: runs as written"
+                )
                 self.report.add(self.path, "forward", LEFT, why)
             return type(module).forward(module, *values)
         found = traced_for(key, self.traced)
         if found is not None:
-            generated, fused_layers = found
             if inside_pytorch_by_rule():  # its layers all take PyTorch's path: as written
                 return type(module).forward(module, *values)
-            if generated is None or any(observed(layer) for layer in fused_layers):
+            if found.generated is None or found.observed():
                 return type(module).forward(module, *values)  # a hook sees each layer's output
-            return generated(module, *values)
+            if found.holds():
+                return found.generated(module, *values)
+            if not torch.compiler.is_compiling():
+                self.traced.pop(key, None)  # a fused layer was replaced: traced again below
         # fx cannot trace inside a torch.jit trace (an internal assert), which also hands sizes
         # as tensors (smp's decoder blocks take a height and a width): a new key there.
         tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
@@ -909,7 +990,7 @@ class TracedForward(ForwardStandIn):
         self.traced[key] = self._trace(values, records)
         return output
 
-    def _trace(self, values: tuple, records: list) -> tuple[Callable | None, tuple]:
+    def _trace(self, values: tuple, records: list) -> Trace:
         module = self.module
         concrete = {
             name: value
@@ -941,7 +1022,7 @@ class TracedForward(ForwardStandIn):
             message = str(error).strip().splitlines()[0] if str(error).strip() else ""
             why = f"not traceable with these inputs, runs as written ({type(error).__name__}"
             self.report.add(self.path, "forward", LEFT, why + (f": {message})" if message else ")"))
-            return None, ()
+            return Trace(None)
         finally:
             state.restore()
         called = Counter(node.target for node in graph.nodes if node.op == "call_module")
@@ -949,12 +1030,21 @@ class TracedForward(ForwardStandIn):
         for row in rows:
             self.report.add(self.path, *row)
         if all(runs_on == LEFT for _, runs_on, _ in rows):
-            return None, ()
+            return Trace(None)
         # The layers whose calls the ops took over: a hook on one, registered later, must see
-        # the layer's own output, so the forward then runs as written.
+        # the layer's own output, so the forward then runs as written; one replaced since, a
+        # trace of its own.
         called.subtract(node.target for node in graph.nodes if node.op == "call_module")
-        fused_layers = tuple(module.get_submodule(path) for path, n in called.items() if n > 0)
-        return _generate(graph, self.path), fused_layers
+        fused_paths = [path for path, n in called.items() if n > 0]
+        links = {}
+        for path in fused_paths:
+            owner = module
+            for name in path.split("."):
+                layer = owner._modules[name]
+                links[id(owner), name] = (owner, name, layer)
+                owner = layer
+        fused_layers = tuple(map(module.get_submodule, fused_paths))
+        return Trace(_generate(graph, self.path), fused_layers, tuple(links.values()))
 
 
 def install_traced_forwards(model: nn.Module, report: AccelerationReport) -> None:
