@@ -512,6 +512,16 @@ def _check_image_size(x: torch.Tensor) -> None:
         )
 
 
+def _check_pixel_count(n: int, height: int, width: int) -> None:
+    # A GEMM row is a pixel (n, h, w), indexed in int32.
+    if n * height * width >= 2**31:
+        raise ValueError(
+            f"conv2d_relu: {n} images of {height}x{width} are >= 2**31 pixels, more than the "
+            "Triton kernels index; run this layer on PyTorch's path (FASTUNET_BACKEND=torch) or "
+            "in smaller batches"
+        )
+
+
 def _input_arguments(x, concat):
     """The conv input's (N, C_in, H, W), the fused loader's arguments (skip, C_skip, skip's
     strides, the eight axis tables; placeholders for a plain conv) and UPSAMPLE.
@@ -540,6 +550,7 @@ def _launch_conv(x, weight_khwc, bias, out, pad_h, pad_w, relu, concat=None, neg
     h_out, w_out = out.shape[2:]
     _check_image_size(x)
     _check_image_size(out)
+    _check_pixel_count(n, h_out, w_out)
     tiles = INTERPRETER_TILES | dict(GROUP_M=8) if INTERPRET else {}
 
     def grid(meta):
@@ -630,6 +641,7 @@ def grad_weight(
     if m == 0:
         return torch.zeros((c_out, c_in, kh, kw), dtype=grad.dtype, device=grad.device)
     _check_image_size(x)
+    _check_pixel_count(n, h_out, w_out)
     # Tile count at 64x64 sets the split; it must not depend on the autotuned tile.
     tiles = cdiv(c_out, 64) * kh * kw * cdiv(c_in, 64)
     split = _split_count(m, tiles, x.device)
@@ -667,6 +679,7 @@ def relu_grad(grad_out, out, negative_slope: float = 0.0) -> tuple[torch.Tensor,
     m = n * h * w
     if m == 0:
         return grad, torch.zeros(c, dtype=out.dtype, device=out.device)
+    _check_pixel_count(n, h, w)
     block_c = min(128, next_power_of_2(c))
     m_blocks = cdiv(m, RELU_GRAD_BLOCK_M)
     partial = torch.empty((m_blocks, c), dtype=torch.float32, device=out.device)

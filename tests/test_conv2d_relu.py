@@ -277,6 +277,24 @@ def test_batch_beyond_int32_offsets_on_gpu():
     assert relative_error(out[tail], expected) <= 1e-2
 
 
+@pytest.mark.parametrize("launch", ["forward", "grad_input", "grad_weight", "relu_grad"])
+def test_a_batch_beyond_int32_pixel_indices_is_refused(launch):
+    """The kernels index a GEMM row, a pixel (n, h, w), in int32: 2**31 pixels or more would
+    wrap, silently. Meta tensors: the launchers refuse before any memory or launch."""
+    from fastunet.kernels import conv2d_relu as launchers
+
+    grad = torch.empty(2**17, 1, 2**7, 2**7, device="meta").to(memory_format=torch.channels_last)
+    x, weight = grad, torch.empty(1, 1, 3, 3, device="meta")
+    calls = {
+        "forward": lambda: launchers.forward(x, weight, None, 1, True),
+        "grad_input": lambda: launchers.grad_input(grad, weight, 2**7, 2**7, 1),
+        "grad_weight": lambda: launchers.grad_weight(grad, x, 3, 3, 1),
+        "relu_grad": lambda: launchers.relu_grad(grad, x),
+    }
+    with pytest.raises(ValueError, match="131072 images of 128x128 are >= 2\\*\\*31 pixels"):
+        calls[launch]()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_leaky_relu_epilogue(backend, dtype):
     """negative_slope > 0: LeakyReLU in the epilogue and in the backward's mask, on both
