@@ -17,7 +17,7 @@ import fastunet.nn
 from fastunet import ops
 from fastunet.bench.parity import relative_error
 from fastunet.nn import UpsampleConcat
-from fastunet.ops import _backend
+from fastunet.ops import _backend, _choice
 from fastunet.ops._common import in_memory_format, memory_format_of
 from fastunet.ops.conv2d_relu import conv2d_grad, conv2d_relu_grad_output
 from fastunet.ops.max_pool2d import max_pool2d_backward
@@ -348,7 +348,14 @@ def test_a_layer_takes_what_its_pytorch_counterpart_takes(backend, case):
     """On every path. Before, these ran on the CPU's PyTorch path but raised where the layer
     runs fastunet's op (a GPU, the interpreter, a forced backend)."""
     layer, pytorch, inputs = _layer_and_pytorch(case, backend_device(backend))
-    torch.testing.assert_close(layer(*inputs), pytorch(*inputs), rtol=1e-5, atol=1e-5)
+    with _choice.recording() as calls:
+        out = layer(*inputs)
+    torch.testing.assert_close(out, pytorch(*inputs), rtol=1e-5, atol=1e-5)
+    # Counted and said why, as every layer's choice.
+    taken = "numpy" in case or "align" in case
+    assert [choice.reason for _, choice in calls if choice == _choice.NOT_TAKEN_CHOICE] == (
+        [] if taken else [_choice.NOT_TAKEN_CHOICE.reason]
+    )
 
 
 def test_forced_backend_is_validated(monkeypatch):

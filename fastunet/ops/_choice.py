@@ -152,6 +152,11 @@ DETERMINISTIC_CHOICE = Choice(
 # Where each upsampling op takes its mode: PyTorch's path for these has a nondeterministic
 # backward on CUDA when the mode is bilinear.
 MODE_ARGUMENT = {"upsample_concat": 2, "upsample_concat_conv2d_relu": 6}
+NOT_TAKEN_CHOICE = Choice(
+    "torch",
+    "an input fastunet's ops do not take (unbatched, not floating point, no channels): "
+    "PyTorch's path, which takes it as torch.nn's layers do or says why not",
+)
 META_CHOICE = Choice(
     "torch",
     "meta tensor: no data to time; PyTorch's path, whose calls FlopCounterMode and other "
@@ -659,15 +664,16 @@ def choose_path(op: str, fastunet_fn: Callable, args: tuple) -> Choice:
     x = args[0]
     rule = _rule(op, x) or _deterministic_rule(op, args)
     if rule is not None:
-        return rule
+        return rule if rule.path == "torch" or _op_takes(x) else NOT_TAKEN_CHOICE
     memo = call_key(op, args)
     if memo in _decided:  # every call after a key's first stops here
         return _decided[memo]
-    backend = choose(op, x.device, x.dtype)
-    key = layer_key(op, args)
-    if backend.name in ("torch", "unsupported"):
+    if not _op_takes(x):
+        choice = NOT_TAKEN_CHOICE
+    elif (backend := choose(op, x.device, x.dtype)).name in ("torch", "unsupported"):
         choice = Choice("torch", f"no fastunet kernel serves it: {backend.reason}")
     else:
+        key = layer_key(op, args)
         try:
             choice = _saved_or_measured(key, x.device, lambda: measure(op, fastunet_fn, args))
         except torch.cuda.OutOfMemoryError:
@@ -704,10 +710,8 @@ def _saved_or_measured(key: str, device: torch.device, timings) -> Choice | None
 
 def run_layer(op: str, fastunet_fn: Callable, *args):
     """`fastunet_fn(*args)` or PyTorch's own path for `op`, as this layer's choice says."""
-    if not _op_takes(args[0]):
-        return TORCH_PATHS[op](*args)
     if torch.compiler.is_compiling():  # traced, not run: the op goes into the graph
-        return fastunet_fn(*args)
+        return (fastunet_fn if _op_takes(args[0]) else TORCH_PATHS[op])(*args)
     if inside_pytorch_by_rule():
         return TORCH_PATHS[op](*args)
     choice = choose_path(op, fastunet_fn, args)
@@ -720,7 +724,8 @@ def run_layer(op: str, fastunet_fn: Callable, *args):
 def _op_takes(x) -> bool:
     """Whether fastunet's ops take x: a batched 4-D floating-point tensor with channels. A layer
     gives the rest (an unbatched image, an integer max-pool, no channels) to PyTorch's path, on
-    every device, which takes it as torch.nn's layers do or says why not."""
+    every device (`NOT_TAKEN_CHOICE`). Checked where a choice is made, not at every call: a
+    call's key holds x's shape and dtype."""
     return isinstance(x, Tensor) and x.dim() == 4 and x.is_floating_point() and x.shape[1] > 0
 
 
