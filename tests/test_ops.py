@@ -139,19 +139,23 @@ SECOND_ORDER_CASES = {
 
 def _penalty_gradients(function, inputs):
     """The gradient of a gradient penalty (the squared norm of the gradients, create_graph=True)
-    with respect to each input."""
-    grads = torch.autograd.grad(function(*inputs).square().sum(), inputs, create_graph=True)
-    return torch.autograd.grad(sum(g.square().sum() for g in grads), inputs)
+    with respect to each input that requires one."""
+    wrt = [t for t in inputs if t.requires_grad]
+    grads = torch.autograd.grad(function(*inputs).square().sum(), wrt, create_graph=True)
+    return torch.autograd.grad(sum(g.square().sum() for g in grads), wrt)
 
 
+@pytest.mark.parametrize("wrt", ["all", "first"])
 @pytest.mark.parametrize("case", SECOND_ORDER_CASES)
-def test_a_gradient_penalty_matches_pytorchs(backend, case):
+def test_a_gradient_penalty_matches_pytorchs(backend, case, wrt):
     """Differentiating a gradient (create_graph=True) records the backward ops with their own
     formula, PyTorch's composite recomputed: the result is PyTorch's, on each backend's first
-    order (the Triton and _C backward kernels). Before, it raised "no autograd formula"."""
+    order (the Triton and _C backward kernels), with every input or the first alone requiring
+    a gradient. Before, it raised "no autograd formula"."""
     op, composite, shapes = SECOND_ORDER_CASES[case]
     device = backend_device(backend)
-    inputs = [torch.randn(s, device=device, requires_grad=True) for s in shapes]
+    inputs = [torch.randn(s, device=device, requires_grad=i == 0 or wrt == "all")
+              for i, s in enumerate(shapes)]  # fmt: skip
     expected = _penalty_gradients(composite, inputs)
     for got, want in zip(_penalty_gradients(op, inputs), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -163,6 +167,19 @@ def test_second_derivatives_gradgradcheck(case):
     op, _, shapes = SECOND_ORDER_CASES[case]
     inputs = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
     assert torch.autograd.gradgradcheck(op, inputs)
+
+
+@pytest.mark.parametrize("case", ["conv2d_leaky_relu", "upsample_concat_conv2d_relu"])
+def test_third_derivatives_gradgradcheck(case):
+    """The backward ops' formula is differentiable again: third derivatives, through a cube
+    (whose third derivative is not zero), against finite differences."""
+    op, _, shapes = SECOND_ORDER_CASES[case]
+    inputs = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+
+    def gradients(*tensors):
+        return torch.autograd.grad(op(*tensors).pow(3).sum(), tensors, create_graph=True)
+
+    assert torch.autograd.gradgradcheck(gradients, inputs)
 
 
 @pytest.mark.parametrize("how", ["torch.func.jvp", "forward_ad"])
