@@ -200,6 +200,18 @@ def test_a_gradient_penalty_matches_the_originals(name, torch_backend):
         assert_close(key, value, theirs[key], truth[key])
 
 
+def test_an_instance_norm_before_a_replaced_conv_gets_its_gradient_in_its_layout(torch_backend):
+    """At batch 1, PyTorch 2.13's CPU InstanceNorm2d backward is wrong for a channels_last
+    gradient: the replaced conv must hand an NCHW input an NCHW gradient, as nn.Conv2d does.
+    Before, every gradient before the norm was off by about 100% (found by a fuzzer)."""
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.InstanceNorm2d(4), nn.GELU(),
+                             nn.Conv2d(4, 2, 3, padding=1))  # fmt: skip
+    fast = fastunet.accelerate(original)
+    counts = compare(original, fast, torch.randn(1, 3, 8, 8))
+    assert counts[CONV] == 2
+
+
 @pytest.mark.parametrize("case", CASES[:1] + CASES[-1:], ids=lambda case: case.name)
 def test_state_dict_round_trip(case, torch_backend):
     torch.manual_seed(0)

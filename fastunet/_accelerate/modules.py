@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastunet import ops
-from fastunet.kernels import cudnn_convolves
 from fastunet.nn import NotScriptable
 from fastunet.ops._choice import (
     inside_pytorch_by_rule,
@@ -42,6 +41,7 @@ from fastunet.ops._choice import (
 from fastunet.ops._common import (
     CHANNELS_LAST,
     GLOBAL_HOOKS,
+    conv_layout,
     has_hooks,
     in_memory_format,
     memory_format_of,
@@ -252,19 +252,6 @@ def chain_layout(
     if makes_a_tensor and out.is_contiguous():  # the op's output is channels_last: both fit
         return torch.contiguous_format
     return conv_layout(x, weight)
-
-
-def conv_layout(x: Tensor, weight: Tensor) -> torch.memory_format:
-    """The layout of PyTorch's convolution output: channels_last where its input or its weight
-    is, except on CUDA where cuDNN does not compute it: for float64 PyTorch asks cuDNN for NCHW,
-    and with cuDNN off or not built its own CUDA kernels compute NCHW. (Not covered: bf16 on
-    GPUs before Ampere and inputs too large for cuDNN, which PyTorch's own kernels compute NCHW
-    too.)"""
-    if CHANNELS_LAST not in (memory_format_of(x), memory_format_of(weight)):
-        return torch.contiguous_format
-    if x.is_cuda and (x.dtype == torch.float64 or not cudnn_convolves()):
-        return torch.contiguous_format
-    return CHANNELS_LAST
 
 
 def cat_layout(skip: Tensor, x: Tensor) -> torch.memory_format:

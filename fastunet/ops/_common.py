@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch.autograd import forward_ad
 
+from fastunet.kernels import cudnn_convolves
+
 CHANNELS_LAST = torch.channels_last
 
 # The hooks registered for every module (nn.modules.module.register_module_forward_hook, ...):
@@ -109,6 +111,19 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
         return torch.contiguous_format
     span = stride_h * h if h > 1 else stride_h
     if stride_n < span or span == stride_c:
+        return torch.contiguous_format
+    return CHANNELS_LAST
+
+
+def conv_layout(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The layout of PyTorch's convolution output: channels_last where its input or its weight
+    is, except on CUDA where cuDNN does not compute it: for float64 PyTorch asks cuDNN for NCHW,
+    and with cuDNN off or not built its own CUDA kernels compute NCHW. (Not covered: bf16 on
+    GPUs before Ampere and inputs too large for cuDNN, which PyTorch's own kernels compute NCHW
+    too.)"""
+    if CHANNELS_LAST not in (memory_format_of(x), memory_format_of(weight)):
+        return torch.contiguous_format
+    if x.is_cuda and (x.dtype == torch.float64 or not cudnn_convolves()):
         return torch.contiguous_format
     return CHANNELS_LAST
 

@@ -23,8 +23,11 @@ from fastunet.ops._common import (
     check_activation,
     check_floating,
     check_same_device_and_dtype,
+    conv_layout,
     empty_channels_last,
+    in_memory_format,
     kernel_device,
+    memory_format_of,
     refuse_forward_ad,
 )
 from fastunet.ops._eager import call, custom_op, differentiate_by_composite, register_autograd
@@ -254,6 +257,12 @@ def _backward(ctx, grad_out):
     grad_x = grad_w = None
     if need_x or need_weight:
         grad_x, grad_w = call(conv2d_grad, grad, x, weight, ctx.padding, need_x, need_weight)
+    # As PyTorch's convolution: autograd would restride a weight's gradient to the weight's
+    # layout anyway (its layout contract for .grad).
+    if need_x:
+        grad_x = in_memory_format(grad_x, conv_layout(x, weight))
+    if need_weight:
+        grad_w = in_memory_format(grad_w, memory_format_of(weight))
     return (
         grad_x if need_x else None, grad_w if need_weight else None,
         grad_bias if need_bias else None, None, None, None,

@@ -22,7 +22,9 @@ from fastunet.ops._common import (
     check_activation,
     check_same_device_and_dtype,
     empty_channels_last,
+    in_memory_format,
     kernel_device,
+    memory_format_of,
     refuse_forward_ad,
 )
 from fastunet.ops._eager import call, custom_op, differentiate_by_composite, register_autograd
@@ -155,6 +157,7 @@ def _backward(ctx, grad_out):
     grad_x = None
     if need_x:
         grad_x = call(upsample_grad, grad_up, *ctx.x_size, ctx.mode, ctx.align_corners)
+        grad_x = in_memory_format(grad_x, memory_format_of(grad_out))  # as F.interpolate's
     return grad_x, grad_skip if need_skip else None, None, None, None
 
 

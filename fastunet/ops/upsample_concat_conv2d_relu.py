@@ -19,7 +19,14 @@ from torch import Tensor
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from fastunet.ops._backend import choose
-from fastunet.ops._common import autocast_to_lower_precision, empty_channels_last, kernel_device
+from fastunet.ops._common import (
+    autocast_to_lower_precision,
+    conv_layout,
+    empty_channels_last,
+    in_memory_format,
+    kernel_device,
+    memory_format_of,
+)
 from fastunet.ops._eager import call, custom_op, differentiate_by_composite, register_autograd
 from fastunet.ops.conv2d_relu import (
     bias_grad_sum,
@@ -163,13 +170,16 @@ def _backward(ctx, grad_out):
             ctx.align_corners, need_concat, need_weight,
         )  # fmt: skip
     if need_concat:
+        # The layouts of the composite's gradients: its convolution's input gradient, split.
+        grad_concat = in_memory_format(grad_concat, conv_layout(skip, weight))
         c_skip = skip.shape[1]
         if need_skip:
             grad_skip = grad_concat[:, :c_skip]
         if need_x:
             grad_up = grad_concat[:, c_skip:]
             grad_x = call(upsample_grad, grad_up, *x.shape[2:], ctx.mode, ctx.align_corners)
-    grad_w = grad_w if need_weight else None
+            grad_x = in_memory_format(grad_x, memory_format_of(grad_up))
+    grad_w = in_memory_format(grad_w, memory_format_of(weight)) if need_weight else None
     grad_bias = grad_bias if need_bias else None
     return grad_x, grad_skip, grad_w, grad_bias, None, None, None, None
 
