@@ -96,14 +96,23 @@ def fold_batch_norm(
 
     Done at call time with differentiable ops, so the BN's own parameters get their gradients
     and its state_dict entries stay where they are."""
-    scale = torch.rsqrt(batch_norm.running_var + batch_norm.eps)
+    # fp16 and bf16 in fp32: the folded weight and bias are then rounded once, as PyTorch's
+    # conv output and BatchNorm output are, not at every step of the fold.
+    dtype = weight.dtype
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+    def wide(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(compute)
+
+    scale = torch.rsqrt(wide(batch_norm.running_var) + batch_norm.eps)
     if batch_norm.weight is not None:
-        scale = scale * batch_norm.weight
-    shift = -batch_norm.running_mean if bias is None else bias - batch_norm.running_mean
+        scale = scale * wide(batch_norm.weight)
+    mean = wide(batch_norm.running_mean)
+    shift = -mean if bias is None else wide(bias) - mean
     shift = shift * scale
     if batch_norm.bias is not None:
-        shift = shift + batch_norm.bias
-    return weight * scale.reshape(-1, 1, 1, 1), shift
+        shift = shift + wide(batch_norm.bias)
+    return (wide(weight) * scale.reshape(-1, 1, 1, 1)).to(dtype), shift.to(dtype)
 
 
 def _activation(x: Tensor, negative_slope: float | None, in_place: bool = False) -> Tensor:
