@@ -361,10 +361,8 @@ class RuleScopedForward(ForwardStandIn):
 
 
 def max_pool2d(x: Tensor) -> Tensor:
-    """`F.max_pool2d(x, 2)`."""
-    if x.is_floating_point():
-        return run_layer("max_pool2d", ops.max_pool2d, x)
-    return F.max_pool2d(x, 2)
+    """`F.max_pool2d(x, 2)` (an input the op does not take runs it as written: `run_layer`)."""
+    return run_layer("max_pool2d", ops.max_pool2d, x)
 
 
 def upsample_concat(

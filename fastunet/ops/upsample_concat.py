@@ -144,6 +144,12 @@ def _(grad_up, input_height, input_width, mode, align_corners):
     )
 
 
+def upsample_input_grad(grad_up: Tensor, height: int, width: int, mode: str, align_corners: bool):
+    """d(loss)/d(x) of the upsample, in grad_up's layout, as F.interpolate's backward gives it."""
+    grad_x = call(upsample_grad, grad_up, height, width, mode, align_corners)
+    return in_memory_format(grad_x, memory_format_of(grad_up))
+
+
 def _setup_context(ctx, inputs, output):
     x, skip, mode, align_corners, skip_first = inputs
     ctx.x_size = x.shape[2], x.shape[3]
@@ -156,8 +162,7 @@ def _backward(ctx, grad_out):
     grad_skip, grad_up = _parts(grad_out, *ctx.channels)
     grad_x = None
     if need_x:
-        grad_x = call(upsample_grad, grad_up, *ctx.x_size, ctx.mode, ctx.align_corners)
-        grad_x = in_memory_format(grad_x, memory_format_of(grad_out))  # as F.interpolate's
+        grad_x = upsample_input_grad(grad_up, *ctx.x_size, ctx.mode, ctx.align_corners)
     return grad_x, grad_skip if need_skip else None, None, None, None
 
 

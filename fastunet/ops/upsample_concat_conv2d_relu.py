@@ -38,7 +38,7 @@ from fastunet.ops.conv2d_relu import (
     fake_conv_grads,
 )
 from fastunet.ops.upsample_concat import _check as check_upsample_concat
-from fastunet.ops.upsample_concat import upsample_concat, upsample_grad
+from fastunet.ops.upsample_concat import upsample_concat, upsample_input_grad
 
 OP = "upsample_concat_conv2d_relu"
 
@@ -177,8 +177,7 @@ def _backward(ctx, grad_out):
             grad_skip = grad_concat[:, :c_skip]
         if need_x:
             grad_up = grad_concat[:, c_skip:]
-            grad_x = call(upsample_grad, grad_up, *x.shape[2:], ctx.mode, ctx.align_corners)
-            grad_x = in_memory_format(grad_x, memory_format_of(grad_up))
+            grad_x = upsample_input_grad(grad_up, *x.shape[2:], ctx.mode, ctx.align_corners)
     grad_w = in_memory_format(grad_w, memory_format_of(weight)) if need_weight else None
     grad_bias = grad_bias if need_bias else None
     return grad_x, grad_skip, grad_w, grad_bias, None, None, None, None
