@@ -14,6 +14,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on"
 CUDNN_BUILT = torch.backends.cudnn.is_available()
 
 
+class IndexRangeError(ValueError):
+    """A tensor too large for a kernel's int32 indices. Raised before any launch; where the op
+    layer chooses a layer's path by measuring (FASTUNET_BACKEND unset), it runs PyTorch's."""
+
+
 def cudnn_convolves() -> bool:
     """Whether PyTorch's CUDA convolutions run on cuDNN now (else on its own kernels, whose
     matrix products are cuBLAS's): built with it, and not turned off."""

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastunet.kernels import INTERPRET, cdiv, cudnn_convolves, next_power_of_2
+from fastunet.kernels import INTERPRET, IndexRangeError, cdiv, cudnn_convolves, next_power_of_2
 from fastunet.kernels.upsample_concat import axis_tables, bilinear_blend
 
 # Tile sizes used under TRITON_INTERPRET (autotuning needs a GPU): few, large programs run fastest.
@@ -507,7 +507,7 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
 def _check_image_size(x: torch.Tensor) -> None:
     # Offsets within one image are int32; across the batch they are int64.
     if x.shape[1:].numel() >= 2**31:
-        raise ValueError(
+        raise IndexRangeError(
             f"conv2d_relu: one image of shape {tuple(x.shape[1:])} is >= 2**31 elements"
         )
 
@@ -515,7 +515,7 @@ def _check_image_size(x: torch.Tensor) -> None:
 def _check_pixel_count(n: int, height: int, width: int) -> None:
     # A GEMM row is a pixel (n, h, w), indexed in int32.
     if n * height * width >= 2**31:
-        raise ValueError(
+        raise IndexRangeError(
             f"conv2d_relu: {n} images of {height}x{width} are >= 2**31 pixels, more than the "
             "Triton kernels index; run this layer on PyTorch's path (FASTUNET_BACKEND=torch) or "
             "in smaller batches"

@@ -170,6 +170,29 @@ def test_out_of_memory_while_timing_runs_pytorch_and_is_not_saved(cache, measure
     assert spy.calls == 1 and measured.calls == 2
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+def test_a_layer_beyond_the_kernels_indices_runs_pytorch(cache, monkeypatch, training):
+    """The Triton kernels refuse 2**31 pixels or more (int32 indices) before any launch: where
+    the path is measured, such a layer runs PyTorch's path instead of failing. The real
+    measure(), on a stand-in op that refuses as the launchers do."""
+    from fastunet import kernels
+
+    monkeypatch.setattr(_choice, "_rule", lambda op, x: None)
+
+    def refuses(*args):
+        raise kernels.IndexRangeError("conv2d_relu: 2 images of 6x5 are >= 2**31 pixels")
+
+    layer, x = conv_layer()
+    spy = Spy(refuses)
+    with torch.set_grad_enabled(training):
+        out = run_conv(layer, x, spy)
+        key = _choice.call_key("conv2d_relu", (x, layer.weight, layer.bias, 1, True))
+    assert spy.calls == 1  # the measurement's; the call itself ran PyTorch's path
+    torch.testing.assert_close(out, F.relu(F.conv2d(x, layer.weight, layer.bias, padding=1)))
+    assert _choice._decided[key].path == "torch"
+    assert "beyond fastunet's kernels: conv2d_relu: 2 images" in _choice._decided[key].reason
+
+
 def test_keys_name_device_op_pass_dtype_autocast_shapes_and_layout():
     x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     w = torch.randn(4, 3, 3, 3, requires_grad=True)

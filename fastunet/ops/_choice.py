@@ -681,6 +681,8 @@ def choose_path(op: str, fastunet_fn: Callable, args: tuple) -> Choice:
             # the layer, do_bench's 256 MB L2 flush): a model that fills the GPU runs the path it
             # would have run without fastunet. Kept in this process, not saved.
             choice = OUT_OF_MEMORY_CHOICE
+        except kernels.IndexRangeError as error:  # raised before any launch
+            choice = Choice("torch", f"beyond fastunet's kernels: {error}")
     if choice is None:
         return Choice(
             "fastunet",
