@@ -314,8 +314,11 @@ def test_a_subclass_with_a_parameter_its_layers_do_not_use_trains_as_the_referen
         (torch.ones(1, 3, 16, 16, dtype=torch.int64), TypeError, "floating-point.*int64"),
         (torch.ones(1, 3, 16, 16, dtype=torch.bool), TypeError, "floating-point.*bool"),
         (torch.randn(1, 3, 16, 16, device="meta"), ValueError, "on meta .* on cpu"),
+        # PyTorch's own error blames the bias
+        (torch.randn(1, 3, 16, 16).half(), TypeError, "input is torch.float16 but the model's "
+         "parameters are torch.float32: cast one to the other, or run under torch.autocast"),
     ],
-)
+)  # fmt: skip
 @pytest.mark.parametrize("model_class", [ReferenceUNet, UNet])
 def test_bad_input_gets_a_clear_error(model_class, x, error, match):
     model = model_class(3, 2, 4, 2)
@@ -323,11 +326,21 @@ def test_bad_input_gets_a_clear_error(model_class, x, error, match):
         model(x)
 
 
+@pytest.mark.parametrize("model_class", [ReferenceUNet, UNet])
+def test_autocast_takes_input_of_another_dtype_but_not_float64(model_class):
+    model = model_class(3, 2, 4, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.randn(1, 3, 16, 16).half()).dtype == torch.bfloat16
+        with pytest.raises(TypeError, match=r"input is torch\.float64"):  # autocast leaves it
+            model(torch.randn(1, 3, 16, 16).double())
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
         (dict(depth=0), "depth must be a positive int"),
         (dict(base_channels=-1), "base_channels must be a positive int"),
+        (dict(depth=True), "depth must be a positive int, got True"),
         (dict(upsample="bicubic"), "upsample must be one of"),
     ],
 )

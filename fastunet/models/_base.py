@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 UPSAMPLE_MODES = ("nearest", "bilinear")
+
+
+def _autocasts(x: Tensor, weight: Tensor) -> bool:
+    """Whether autocast casts a convolution of x and weight to one dtype: enabled for x's
+    device, and both of floating types it casts (not float64)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return False
+    return all(t.dtype in (torch.float32, torch.float16, torch.bfloat16) for t in (x, weight))
 
 
 class UNetBase(nn.Module):
@@ -31,7 +41,7 @@ class UNetBase(nn.Module):
             ("base_channels", base_channels),
             ("depth", depth),
         ):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: {arg} must be a positive int, got {value!r}")
         if upsample not in UPSAMPLE_MODES:
             raise ValueError(f"{name}: upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
@@ -85,6 +95,12 @@ class UNetBase(nn.Module):
         if x.device != weight.device:
             raise ValueError(
                 f"{name}: input is on {x.device} but the model's parameters are on {weight.device}"
+            )
+        # PyTorch's own error blames "bias type"; autocast casts both, where it runs.
+        if x.dtype != weight.dtype and not _autocasts(x, weight):
+            raise TypeError(
+                f"{name}: input is {x.dtype} but the model's parameters are {weight.dtype}: "
+                "cast one to the other, or run under torch.autocast"
             )
 
     def convert_to(self, cls: type[UNetBase]) -> UNetBase:
