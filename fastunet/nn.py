@@ -23,19 +23,23 @@ class NotScriptable:
     def __prepare_scriptable__(self):
         raise TypeError(
             f"torch.jit.script: {type(self).__name__} is one of fastunet's layers, which "
-            "TorchScript cannot compile (they choose their path in Python). torch.jit.trace and "
-            "torch.export capture them (the result calls fastunet's ops, so loading it needs "
-            "fastunet imported). For TorchScript without fastunet, torch.jit.trace the plain "
-            "PyTorch model: UNet.to_reference() (which does not script either), or the model "
-            "given to fastunet.accelerate (which it leaves unchanged)"
+            "TorchScript cannot compile (they choose their path in Python). torch.export "
+            "captures fastunet's ops (loading the result needs fastunet imported); "
+            "torch.jit.trace the path each layer took (fastunet's ops on a GPU, PyTorch's own "
+            "calls on the CPU). "
+            "For TorchScript without fastunet, torch.jit.trace the plain PyTorch model: "
+            "UNet.to_reference() (which does not script either), or the model given to "
+            "fastunet.accelerate (unless accelerated with inplace=True)"
         )
 
 
 class Conv2dReLU(NotScriptable, nn.Conv2d):
     """`nn.Conv2d` (stride 1) followed by ReLU, as one fused op.
 
-    Same parameters, initialisation and state_dict keys as `nn.Conv2d`; `relu=False` gives the
-    plain convolution (the UNet's 1x1 head).
+    nn.Conv2d's parameters (stride 1, so no `stride`), initialisation and state_dict keys;
+    `relu=False` gives the plain convolution (the UNet's 1x1 head). After kernel_size they are
+    keyword-only: nn.Conv2d's fourth is `stride`, and `Conv2dReLU(c, c, 3, 1)` must not pad
+    where nn.Conv2d would not.
     """
 
     def __init__(
@@ -43,6 +47,7 @@ class Conv2dReLU(NotScriptable, nn.Conv2d):
         in_channels: int,
         out_channels: int,
         kernel_size: int,
+        *,
         padding: int = 0,
         bias: bool = True,
         relu: bool = True,

@@ -335,6 +335,8 @@ def test_output_layouts():
          "padding must be an int, got True"),
         (lambda: fastunet.nn.Conv2dReLU(3, 4, 3, padding="same"), TypeError,
          "padding must be an int, got 'same'"),
+        # nn.Conv2d's fourth is stride: keyword-only, so no one pads by mistake
+        (lambda: fastunet.nn.Conv2dReLU(3, 4, 3, 1), TypeError, "positional argument"),
         (lambda: ops.upsample_concat(torch.randn(1, 3, 4, 4).double(), torch.randn(1, 3, 8, 8)),
          TypeError, "skip is torch.float32 but x is torch.float64"),
         (lambda: ops.upsample_concat(torch.randn(1, 3, 4, 4),
