@@ -143,7 +143,7 @@ def missing_arch(capability: tuple[int, int], archs: list[str]) -> str | None:
             return None
     return (
         f"this GPU is sm_{here}, but fastunet._C was built for {' '.join(archs)}: build it for "
-        f"this GPU with FASTUNET_CUDA_ARCHS={here} pip install --no-binary fastunet fastunet "
+        f"this GPU with FASTUNET_CUDA_ARCHS={here} pip install <fastunet's source tree or sdist> "
         "(or set FASTUNET_BACKEND=torch to run the torch composite)"
     )
 
