@@ -360,7 +360,8 @@ def _layer_and_pytorch(case, device):
         x = x if arguments[1:] == [] else (x * 9).to(arguments[1])
         return fastunet.nn.MaxPool2d(), lambda t: F.max_pool2d(t, 2), (x,)
     if kind == "upsample":
-        skip = torch.randn(arguments[1], device=device)
+        skip_dtype = arguments[3] if len(arguments) > 3 else x.dtype
+        skip = torch.randn(arguments[1], device=device, dtype=skip_dtype)
         layer = UpsampleConcat("bilinear", arguments[2])
         return layer, lambda a, b: torch_upsample_concat(a, b, "bilinear", True), (x, skip)
     c_in, padding = arguments[1:]
@@ -379,6 +380,7 @@ LAYER_CASES = {
     "unbatched-pool": ("pool", (3, 6, 7)),
     "integer-pool": ("pool", (1, 2, 4, 4), torch.int64),
     "align-corners-1": ("upsample", (1, 2, 3, 3), (1, 1, 6, 7), 1),
+    "float64-skip": ("upsample", (1, 2, 3, 3), (1, 1, 6, 7), True, torch.float64),  # cat promotes
 }
 
 

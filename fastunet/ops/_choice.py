@@ -154,7 +154,8 @@ DETERMINISTIC_CHOICE = Choice(
 MODE_ARGUMENT = {"upsample_concat": 2, "upsample_concat_conv2d_relu": 6}
 NOT_TAKEN_CHOICE = Choice(
     "torch",
-    "an input fastunet's ops do not take (unbatched, not floating point, no channels): "
+    "an input fastunet's ops do not take (unbatched, not floating point, no channels, "
+    "tensors of several dtypes outside autocast): "
     "PyTorch's path, which takes it as torch.nn's layers do or says why not",
 )
 META_CHOICE = Choice(
@@ -664,11 +665,11 @@ def choose_path(op: str, fastunet_fn: Callable, args: tuple) -> Choice:
     x = args[0]
     rule = _rule(op, x) or _deterministic_rule(op, args)
     if rule is not None:
-        return rule if rule.path == "torch" or _op_takes(x) else NOT_TAKEN_CHOICE
+        return rule if rule.path == "torch" or _op_takes(args) else NOT_TAKEN_CHOICE
     memo = call_key(op, args)
     if memo in _decided:  # every call after a key's first stops here
         return _decided[memo]
-    if not _op_takes(x):
+    if not _op_takes(args):
         choice = NOT_TAKEN_CHOICE
     elif (backend := choose(op, x.device, x.dtype)).name in ("torch", "unsupported"):
         choice = Choice("torch", f"no fastunet kernel serves it: {backend.reason}")
@@ -713,7 +714,7 @@ def _saved_or_measured(key: str, device: torch.device, timings) -> Choice | None
 def run_layer(op: str, fastunet_fn: Callable, *args):
     """`fastunet_fn(*args)` or PyTorch's own path for `op`, as this layer's choice says."""
     if torch.compiler.is_compiling():  # traced, not run: the op goes into the graph
-        return (fastunet_fn if _op_takes(args[0]) else TORCH_PATHS[op])(*args)
+        return (fastunet_fn if _op_takes(args) else TORCH_PATHS[op])(*args)
     if inside_pytorch_by_rule():
         return TORCH_PATHS[op](*args)
     choice = choose_path(op, fastunet_fn, args)
@@ -723,12 +724,19 @@ def run_layer(op: str, fastunet_fn: Callable, *args):
     return TORCH_PATHS[op](*args)
 
 
-def _op_takes(x) -> bool:
-    """Whether fastunet's ops take x: a batched 4-D floating-point tensor with channels. A layer
-    gives the rest (an unbatched image, an integer max-pool, no channels) to PyTorch's path, on
-    every device (`NOT_TAKEN_CHOICE`). Checked where a choice is made, not at every call: a
-    call's key holds x's shape and dtype."""
-    return isinstance(x, Tensor) and x.dim() == 4 and x.is_floating_point() and x.shape[1] > 0
+def _op_takes(args: tuple) -> bool:
+    """Whether fastunet's ops take these arguments: x a batched 4-D floating-point tensor with
+    channels, and the other tensors of x's dtype unless autocast casts them all. A layer gives
+    the rest (an unbatched image, an integer max-pool, no channels, an fp64 skip that
+    torch.cat would promote to) to PyTorch's path, on every device (`NOT_TAKEN_CHOICE`), which
+    takes it as torch.nn's layers do or says why not. Checked where a choice is made, not at
+    every call: a call's key holds each tensor's shape and dtype."""
+    x = args[0]
+    if not (isinstance(x, Tensor) and x.dim() == 4 and x.is_floating_point() and x.shape[1] > 0):
+        return False
+    return _autocast_dtype(x.device) is not None or all(
+        a.dtype == x.dtype for a in args if isinstance(a, Tensor)
+    )
 
 
 def _record(op: str, args: tuple, choice: Choice) -> None:
