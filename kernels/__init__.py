@@ -8,8 +8,15 @@ import os
 
 import torch
 
-# Triton decides at kernel definition whether to interpret; this is its rule for the variable.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on")
+
+def interprets(value: str | None) -> bool:
+    """Whether Triton reads this TRITON_INTERPRET value as on (its rule, here without
+    importing triton)."""
+    return (value or "").lower() in ("1", "true", "on", "yes", "y")
+
+
+# Triton decides at kernel definition whether to interpret.
+INTERPRET = interprets(os.environ.get("TRITON_INTERPRET"))
 # Read once: torch.compile cannot trace the call, and a build does not gain cuDNN.
 CUDNN_BUILT = torch.backends.cudnn.is_available()
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 from helpers import interpreter_problem
 
-from fastunet.kernels import INTERPRET
+from fastunet.kernels import INTERPRET, interprets
 
 
 @pytest.mark.parametrize(
@@ -48,3 +48,14 @@ def test_pytest_stops_with_one_usage_error(tmp_path):
     )  # fmt: skip
     assert run.returncode == pytest.ExitCode.USAGE_ERROR, run.stdout + run.stderr
     assert "Triton 3.6.0's interpreter" in run.stderr and "numpy 2.4.0" in run.stderr
+
+
+@pytest.mark.parametrize(
+    "value", ["1", "true", "on", "yes", "y", "TRUE", "Yes", "0", "no", "2", " 1"]
+)
+def test_interpreter_variable_is_read_as_triton_reads_it(monkeypatch, value):
+    """Else the kernels would run interpreted while the op layer thinks them compiled."""
+    from triton._C.libtriton import getenv_bool
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interprets(value) == getenv_bool("TRITON_INTERPRET", False)
