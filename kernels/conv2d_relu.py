@@ -508,7 +508,9 @@ def _check_image_size(x: torch.Tensor) -> None:
     # Offsets within one image are int32; across the batch they are int64.
     if x.shape[1:].numel() >= 2**31:
         raise IndexRangeError(
-            f"conv2d_relu: one image of shape {tuple(x.shape[1:])} is >= 2**31 elements"
+            f"conv2d_relu: one image of shape {tuple(x.shape[1:])} is >= 2**31 elements, more "
+            "than the Triton kernels index; run this layer on PyTorch's path "
+            "(FASTUNET_BACKEND=torch)"
         )
 
 

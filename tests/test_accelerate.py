@@ -535,6 +535,15 @@ def test_torch_jit_trace_checks_a_sequential_leaky_relu_chain(torch_backend):
     compare(original, traced, x, count=False)
 
 
+def test_report_says_a_batch_norm_without_running_statistics_does_not_fold(torch_backend):
+    batch_norm = nn.BatchNorm2d(4, track_running_stats=False)
+    original = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), batch_norm, nn.ReLU()).eval()
+    fast = fastunet.accelerate(original)
+    rows = {row.module: row for row in fastunet.acceleration_report(fast).rows}
+    assert rows["0"].pattern == "conv2d + batch_norm2d (batch statistics, runs apart) + relu"
+    compare(original, fast, torch.randn(2, 3, 8, 8))
+
+
 def test_report_says_what_was_replaced_and_what_was_left(torch_backend):
     fast = fastunet.accelerate(SmpStyleUNet(3, 2, (4, 8, 8, 16), (8, 8, 4, 4)))
     report = fastunet.acceleration_report(fast)

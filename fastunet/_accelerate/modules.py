@@ -167,7 +167,11 @@ class Chain:
 
     def describe(self) -> str:
         steps = ["conv2d"]
-        if self.batch_norm is not None:
+        if self.batch_norm is None:
+            pass
+        elif self.batch_norm.running_mean is None:  # batch statistics: never a fixed map
+            steps.append("batch_norm2d (batch statistics, runs apart)")
+        else:
             steps.append("batch_norm2d (folded in eval)")
         steps += [type(m).__name__ for m in self.noops]
         if self.negative_slope == 0:
