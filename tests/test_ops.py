@@ -229,8 +229,8 @@ def test_forward_mode_ad_is_refused_not_silently_zero(backend, op, shapes, how):
 
 
 def test_torch_func_vmap_equals_a_loop_and_grad_is_refused(backend):
-    """vmap batches the ops (over x and a per-example weight, say); torch.func.grad raises
-    PyTorch's error for a custom op's autograd, not a wrong gradient."""
+    """vmap batches the ops (over x and a per-example weight, say); torch.func.grad of an op
+    called directly raises PyTorch's error for a custom op's autograd, not a wrong gradient."""
     device = backend_device(backend)
     x, weights = (
         torch.randn(3, 1, 2, 5, 4, device=device),
@@ -247,6 +247,19 @@ def test_torch_func_vmap_equals_a_loop_and_grad_is_refused(backend):
         assert same(torch.func.vmap(op)(x, weights, skips), looped)
     with pytest.raises(RuntimeError, match="setup_context"):
         torch.func.grad(lambda a: ops.conv2d_relu(a, weights[0]).sum())(x[0])
+
+
+def test_torch_func_grad_through_a_layer_names_the_op_and_the_way_out(backend):
+    """Where a layer runs the op, torch.func.grad (and vjp, jacrev) would raise PyTorch's error
+    about setup_context; the layer says which op and what to use. A function whose layer does
+    not depend on grad's argument still works."""
+    device = backend_device(backend)
+    layer = fastunet.nn.Conv2dReLU(2, 3, 3, padding=1).to(device)
+    x = torch.randn(1, 2, 5, 4, device=device)
+    with pytest.raises(RuntimeError, match=r"conv2d_relu: torch\.func\.grad, vjp and jacrev"):
+        torch.func.grad(lambda a: layer(a).sum())(x)
+    scale = torch.tensor(2.0, device=device)
+    assert torch.func.grad(lambda s: layer(x).sum() * s)(scale) == layer(x).sum()
 
 
 def test_ops_equal_their_composites():

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch._C._functorch import TransformType
 from torch.autograd import forward_ad
 
 from fastunet.kernels import cudnn_convolves
@@ -67,6 +68,23 @@ def refuse_forward_ad(op: str) -> None:
             f"{op}: fastunet's ops have no forward-mode AD (torch.func.jvp, jacfwd, "
             "torch.autograd.forward_ad); PyTorch would silently drop the tangent. Use "
             "reverse mode, or model.to_reference() (the original model, for accelerate)"
+        )
+
+
+def refuse_functorch_grad(op: str, args: tuple) -> None:
+    """torch.func.grad, vjp and jacrev cannot differentiate a custom op with register_autograd
+    (torch 2.13: its autograd.Function has no setup_context for functorch); PyTorch's error says
+    so without naming the op or the way out. Only where the innermost transform tracks an
+    input: grad of a function whose fastunet layers do not depend on its argument works."""
+    if torch._C._functorch.peek_interpreter_stack().key() != TransformType.Grad:
+        return
+    if any(isinstance(a, torch.Tensor) and torch._C._functorch.is_gradtrackingtensor(a)
+           for a in args):  # fmt: skip
+        raise RuntimeError(
+            f"{op}: torch.func.grad, vjp and jacrev cannot differentiate fastunet's ops (their "
+            "autograd is torch.autograd's). Use torch.autograd.grad "
+            "(torch.autograd.functional.jacobian for a Jacobian), or model.to_reference() "
+            "(the original model, for accelerate)"
         )
 
 

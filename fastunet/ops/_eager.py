@@ -33,7 +33,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fastunet.ops._common import AUTOCAST_RULES, cast_floating, in_functorch_transform
+from fastunet.ops._common import (
+    AUTOCAST_RULES,
+    cast_floating,
+    in_functorch_transform,
+    refuse_functorch_grad,
+)
 
 PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 DEVICE_TYPES = ("cpu", "cuda")
@@ -165,6 +170,8 @@ def call(op: Callable, *args):
         return op(*args)
     device_type = _plain_eager_device(args)
     if device_type is None:
+        if in_functorch_transform():
+            refuse_functorch_grad(eager.name, args)
         return op(*args)
     args += eager.defaults[len(args) :]
     if torch._C._autograd._profiler_enabled():
