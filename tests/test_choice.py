@@ -4,6 +4,7 @@ Timings are injected: the logic is tested here, the speed by the benchmark suite
 """
 
 import copy
+import functools
 import json
 import os
 import threading
@@ -1068,6 +1069,28 @@ def test_a_checkpoint_recomputing_in_another_layout_gives_that_layouts_gradients
     assert torch.equal(x.grad, x_cl.grad)
     for (name, a), b in zip(fast.named_parameters(), reference_cl.parameters(), strict=True):
         assert torch.equal(a.grad, b.grad), name
+
+
+def test_selective_checkpointing_that_saves_convolutions_trains_as_reference(cache, cpu_rule):
+    """A policy that saves aten's convolutions (the usual recipe) caches their outputs and
+    refuses a change to them: PyTorch's path ran its ReLU in place on the conv's output."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):
+        if op is torch.ops.aten.convolution.default:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    torch.manual_seed(0)
+    reference = ReferenceUNet(3, 2, 4, 2)
+    fast = UNet.from_reference(reference)
+    x = torch.randn(2, 3, 16, 12)
+    for model in (reference, fast):
+        contexts = functools.partial(create_selective_checkpoint_contexts, policy)
+        out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False, context_fn=contexts)
+        out.square().sum().backward()
+    for (name, a), b in zip(fast.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
 TUNE = ["tune", "--device", "cpu", "--batch", "2", "--size", "16", "--base-channels", "2",

@@ -103,11 +103,13 @@ def _torch_conv2d_relu(x, weight, bias=None, padding=1, relu=True, negative_slop
     out = F.conv2d(x, weight, bias, padding=padding)
     if not relu:
         return out
-    # In place: the conv's output is ours alone, and its backward does not read it, so this
-    # saves an allocation and a pass of memory over `conv(x) -> relu` as modules write it.
+    # In place where autograd does not record: the conv's output is ours alone, so this saves
+    # an allocation. Where it records, not: selective activation checkpointing may have
+    # cached that output (a policy that saves convolutions) and refuses a change to it.
+    in_place = not (torch.is_grad_enabled() and out.requires_grad)
     if negative_slope:
-        return F.leaky_relu(out, negative_slope, inplace=True)
-    return F.relu(out, inplace=True)
+        return F.leaky_relu(out, negative_slope, inplace=in_place)
+    return F.relu(out, inplace=in_place)
 
 
 def _torch_upsample_concat(x, skip, mode="nearest", align_corners=False, skip_first=True):
