@@ -25,8 +25,10 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _parity(args: argparse.Namespace) -> int:
-    from fastunet.bench.parity import compare
+    from fastunet.bench.parity import CPU_RULE_NOTE, compare
 
+    if args.autocast and args.dtype == "fp32":  # torch.autocast would warn and turn itself off
+        raise ValueError("--autocast needs --dtype bf16 or fp16, the dtype autocast runs in")
     device = _device(args.device)
     _check_size((args.size,), args.depth)
     result = compare(
@@ -46,6 +48,13 @@ def _parity(args: argparse.Namespace) -> int:
             f"{row:12} {values['output']:10.2e} {values['grad_input']:10.2e} "
             f"{values['grad_params']:11.2e}"
         )
+    layers = result["layers"]
+    if layers["cpu_rule"]:
+        print(CPU_RULE_NOTE)
+    else:
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in layers["reasons"].items())
+        print(f"fastunet's layers: {layers['fastunet']} fastunet, {layers['torch']} torch "
+              f"({reasons})")  # fmt: skip
     return 0
 
 
@@ -80,9 +89,17 @@ def _tune(args: argparse.Namespace) -> int:
     for key, choice in table.items():
         print(f"{choice.path:8}  {key}\n          {choice.reason}")
     counts = _choice.summarize(list(table.items()))
-    shapes = counts["fastunet"] + counts["torch"]
-    print(f"\n{shapes} layer shapes: {counts['fastunet']} fastunet, {counts['torch']} torch; "
-          f"measured choices are kept in {cache}")  # fmt: skip
+    layers = (f"{counts['fastunet'] + counts['torch']} layer shapes: {counts['fastunet']} "
+              f"fastunet, {counts['torch']} torch")  # fmt: skip
+    if not _choice.runs_pytorch_by_rule(x):
+        print(f"\n{layers}; measured choices are kept in {cache}")
+        return 0
+    # The CPU rule times no layer: only the activations' layout, for the whole model.
+    layouts = [choice.path for choice in table.values() if choice.path in LAYOUTS]
+    taken = ", ".join(f"{layouts.count(layout)} {layout}" for layout in LAYOUTS)
+    print(f"\n{layers}, by the CPU rule: PyTorch's own path, neither measured nor saved")
+    print(f"{len(layouts)} layout choices for the model's activations ({taken}): measured, and "
+          f"kept in {cache}")  # fmt: skip
     return 0
 
 
@@ -110,11 +127,16 @@ class ProgressBar:
 
 
 def _device(name: str | None) -> torch.device:
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for, but CUDA is not available here")
+    from fastunet.info import cuda_missing
+
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:  # PyTorch's message lists its device types, and names no option
+        raise ValueError(f"--device {name!r}: fastunet runs on 'cpu' or 'cuda'") from None
+    if device.type == "cuda" and (why := cuda_missing()):
+        raise ValueError(f"--device {name!r}: CUDA is not available here: {why}")
     if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"device {name!r}: fastunet runs on 'cpu' or 'cuda'")
+        raise ValueError(f"--device {name!r}: fastunet runs on 'cpu' or 'cuda'")
     return device
 
 
@@ -206,7 +228,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastunet.bench.suite import COMPILE_CHOICES, MODEL_REP_MS
+    from fastunet.bench.suite import COMPILE_CHOICES, MODEL_REP_MS, model_cases
 
     parser = argparse.ArgumentParser(prog="fastunet", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -241,9 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="which model cases also time torch.compile(mode='max-autotune') of the reference "
         "(minutes of compile each): the standard case (default), all, or none",
     )  # fmt: skip
+    full, quick = (", ".join(case.name for case in model_cases(q, "none")) for q in (False, True))
     bench.add_argument(
         "--case", action="append", default=None,
-        help="time only this model case (repeatable; no op rows): e.g. N16-256-bf16, N1-256-bf16",
+        help=f"time only this model case (repeatable; no op rows): {full}; with --quick, and "
+        f"on the CPU (which runs --quick): {quick}",
     )  # fmt: skip
     bench.add_argument(
         "--model-seconds", type=_positive_float, default=MODEL_REP_MS / 1e3,
@@ -285,7 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # a reader that left (`| head`) shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # Quiet, as Unix tools are; stdout goes to devnull, so that Python's own flush at exit
+        # does not fail again (Python's docs, signal: "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ValueError, TypeError, RuntimeError, OSError) as error:
         print(f"fastunet {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -30,16 +30,29 @@ def cpu_name() -> str:
     return ", ".join([name, f"{cores or '?'} cores", *flags])
 
 
+def cuda_missing() -> str | None:
+    """Why CUDA cannot run here, or None where it can."""
+    if torch.cuda.is_available():
+        return None
+    if torch.version.cuda is None:
+        return f"this PyTorch ({torch.__version__}) was built without CUDA"
+    return "PyTorch sees no CUDA GPU (no driver, or CUDA_VISIBLE_DEVICES hides them)"
+
+
 def info(device: torch.device | str | None = None) -> dict:
     """What fastunet will run on `device` (default: the current CUDA device, else the CPU)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda":
+        if why := cuda_missing():  # else PyTorch's bare AssertionError, or a driver error
+            raise RuntimeError(f"fastunet.info({str(device)!r}): {why}")
         device_name = torch.cuda.get_device_name(device)
         capability = "sm_{}{}".format(*torch.cuda.get_device_capability(device))
-    else:
+    elif device.type == "cpu":
         device_name, capability = cpu_name(), None
+    else:  # meta (shapes without data) or another device: not the CPU that cpu_name() names
+        device_name, capability = f"{device.type} device", None
     return {
         "fastunet": __version__,
         "python": platform.python_version(),

@@ -10,6 +10,14 @@ from __future__ import annotations
 import torch
 
 from fastunet.models import ReferenceUNet, UNet
+from fastunet.ops import _choice
+
+# On the CPU fastunet's layers run the reference's own aten calls (`_choice.CPU_CHOICE`): parity
+# there checks the model around them, not fastunet's kernels.
+CPU_RULE_NOTE = (
+    "fastunet's layers ran PyTorch's own path by the CPU rule, the reference's aten calls, so a "
+    "ratio of about 1 is expected; TRITON_INTERPRET=1 runs fastunet's kernels"
+)
 
 
 def relative_error(value: torch.Tensor, truth: torch.Tensor) -> float:
@@ -32,6 +40,23 @@ def error_ratio(error: float, torch_error: float) -> float:
     if torch_error > 0:
         return error / torch_error
     return 0.0 if error == 0 else float("inf")
+
+
+def layer_paths(calls: list) -> dict:
+    """How many of fastunet's layer calls ran each path, and why; whether all ran PyTorch's path
+    by the CPU rule; and the layout the model chose to run in (on the CPU; None where it chose
+    none)."""
+    reasons: dict[str, int] = {}
+    layout = None
+    cpu_rule = bool(calls)
+    for _, choice in calls:
+        if choice.path in _choice.LAYOUTS:
+            layout = choice.path
+            continue
+        reason = choice.reason.split(":")[0]  # "measured", "CPU", ...: the figures stay out
+        reasons[reason] = reasons.get(reason, 0) + 1
+        cpu_rule = cpu_rule and choice is _choice.CPU_CHOICE
+    return {**_choice.summarize(calls), "reasons": reasons, "cpu_rule": cpu_rule, "layout": layout}
 
 
 def _run(model, x, grad_out, autocast_dtype):
@@ -78,9 +103,11 @@ def compare(
 
     truth = _run(truth_model, x, grad_out, None)
     autocast_dtype = dtype if autocast else None
-    results = {}
+    results, calls = {}, []
     for name, model in (("reference", reference), ("fastunet", fast)):
-        got = _run(model, x.to(model_dtype), grad_out, autocast_dtype)
+        with _choice.recording() as recorded:  # only fastunet's layers record their path
+            got = _run(model, x.to(model_dtype), grad_out, autocast_dtype)
+        calls += recorded
         results[name] = {
             key: relative_error(value, expected)
             for key, value, expected in zip(
@@ -99,4 +126,5 @@ def compare(
         ),
         **results,
         "ratio": ratio,
+        "layers": layer_paths(calls),
     }  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fastunet.bench.parity import CPU_RULE_NOTE
+
 BASELINES = ("eager_fp32_nchw", "eager_bf16_cl", "compile")
 
 
@@ -119,6 +121,8 @@ def text_report(result: dict) -> str:
             if "layers" in r
         }
         parts += [f"  {case} {mode}: layer choices: {why}" for case, mode, why in sorted(reasons)]
+        if any(r.get("layers", {}).get("cpu_rule") for r in result["model"]):
+            parts.append(f"  parity: {CPU_RULE_NOTE}")
     if result["meta"]["device"] == "cpu":
         parts += ["", "GPU speed figures need CUDA: this run timed the CPU paths only."]
     return "\n".join(parts)

@@ -378,7 +378,7 @@ def run_model_case(
         memory = {name: peak_memory_mb(step, device) for name, step in steps.items()}
         with _choice.recording() as calls:
             steps["fastunet"](0)
-        layers = _layer_paths(calls)
+        layers = parity.layer_paths(calls)
         size = torch.empty((), dtype=case.dtype).element_size()
         amounts = counts.model_counts(
             case.batch, case.size, case.base_channels, case.depth, element_size=size,
@@ -409,20 +409,6 @@ def run_model_case(
     for row in rows:
         row["parity"] = {"batch": 2, **{k: check[k] for k in ("reference", "fastunet", "ratio")}}
     return rows
-
-
-def _layer_paths(calls: list) -> dict:
-    """How many of fastunet's layer calls ran each path in one step, and why; and the layout the
-    model chose to run in (on the CPU; None where it chose none)."""
-    reasons: dict[str, int] = {}
-    layout = None
-    for _, choice in calls:
-        if choice.path in _choice.LAYOUTS:
-            layout = choice.path
-            continue
-        reason = choice.reason.split(":")[0]  # "measured", "CPU", ...: the figures stay out
-        reasons[reason] = reasons.get(reason, 0) + 1
-    return {**_choice.summarize(calls), "reasons": reasons, "layout": layout}
 
 
 def _compile_skip_reason(case: ModelCase, quick: bool) -> str:
