@@ -78,3 +78,34 @@ def test_the_torchscript_way_the_error_names_works():
     x = torch.randn(1, 3, 24, 40)
     with torch.no_grad():
         assert relative_error(traced(x), fast(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("path", ["cpu-rule", "torch-composite"])
+def test_make_fx_traces_symbolic_shapes(monkeypatch, path):
+    """make_fx's symbolic tracing (AOTAutograd's, without Dynamo) hands sizes as symbols, which a
+    choice or a traced decoder cannot be keyed by: it raised "unhashable type: SymInt". Traced
+    like torch.compile, the graph then runs other shapes."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fastunet.ops import _choice
+
+    if path == "cpu-rule":
+        monkeypatch.setattr(_choice, "INTERPRET", False)  # as outside this suite
+    else:
+        monkeypatch.setenv("FASTUNET_BACKEND", "torch")
+    torch.manual_seed(0)
+    reference = ReferenceUNet(2, 2, 4, 2)
+    milesial = MilesialStyleUNet(2, 2, 4, 2).eval()
+    for original, fast in ((reference, UNet.from_reference(reference)),
+                           (milesial, fastunet.accelerate(milesial))):  # fmt: skip
+        params = {**dict(fast.named_parameters()), **dict(fast.named_buffers())}
+        graph = make_fx(_functional(fast), tracing_mode="symbolic")(torch.randn(2, 2, 8, 8), params)
+        x = torch.randn(3, 2, 12, 16)
+        assert relative_error(graph(x, params), original(x)) <= 1e-5
+
+
+def _functional(model):
+    def run(x, params):
+        return torch.func.functional_call(model, params, (x,))
+
+    return run

@@ -56,7 +56,7 @@ from fastunet._accelerate.modules import (
 )
 from fastunet._accelerate.report import LEFT, AccelerationReport
 from fastunet._accelerate.swap import CONV_OP, POOL_OP, join
-from fastunet.ops._choice import inside_pytorch_by_rule
+from fastunet.ops._choice import inside_pytorch_by_rule, symbolic
 from fastunet.ops._common import has_hooks
 
 UPSAMPLE_OP = "fastunet::upsample_concat"
@@ -210,12 +210,13 @@ def call_key(module: nn.Module, values: tuple, attributes: tuple[str, ...] = ())
     return tuple(key)
 
 
-def traced_for(key: tuple, traced: dict[tuple, object]):
-    """traced[key], or None. Under torch.compile or torch.export the key's sizes may be symbolic
-    (a dynamic dimension): one known only as a symbol equals no traced size, and the comparison
-    adds no guard, so the dimension stays dynamic (a dict lookup would have specialized it, and
-    export refuses that; non-strict export cannot hash it at all)."""
-    if not torch.compiler.is_compiling():
+def traced_for(key: tuple, traced: dict[tuple, object], symbols: bool):
+    """traced[key], or None. With `symbols` (torch.compile, torch.export, make_fx's symbolic
+    tracing) the key's sizes may be symbolic (a dynamic dimension): one known only as a symbol
+    equals no traced size, and the comparison adds no guard, so the dimension stays dynamic (a
+    dict lookup would have specialized it, and export refuses that; non-strict export and
+    make_fx cannot hash it at all)."""
+    if not symbols:
         return traced.get(key)
     for traced_key, found in traced.items():
         if len(traced_key) == len(key) and all(map(_same_key_part, key, traced_key)):
@@ -953,7 +954,8 @@ class TracedForward(ForwardStandIn):
                 )
                 self.report.add(self.path, "forward", LEFT, why)
             return type(module).forward(module, *values)
-        found = traced_for(key, self.traced)
+        symbols = torch.compiler.is_compiling() or any(map(symbolic, values))
+        found = traced_for(key, self.traced, symbols)
         if found is not None:
             if inside_pytorch_by_rule():  # its layers all take PyTorch's path: as written
                 return type(module).forward(module, *values)
@@ -961,11 +963,11 @@ class TracedForward(ForwardStandIn):
                 return type(module).forward(module, *values)  # a hook sees each layer's output
             if found.holds():
                 return found.generated(module, *values)
-            if not torch.compiler.is_compiling():
+            if not symbols:
                 self.traced.pop(key, None)  # a fused layer was replaced: traced again below
         # fx cannot trace inside a torch.jit trace (an internal assert), which also hands sizes
         # as tensors (smp's decoder blocks take a height and a width): a new key there.
-        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        tracing = symbols or torch.jit.is_tracing()
         if tracing or len(self.traced) >= MAX_SIGNATURES:
             return type(module).forward(module, *values)
         return self._run_and_trace(key, values)

@@ -9,7 +9,13 @@ from fastunet import ops
 from fastunet.models._base import UNetBase
 from fastunet.models.reference import ReferenceUNet
 from fastunet.nn import Conv2dReLU, MaxPool2d, NotScriptable
-from fastunet.ops._choice import choose_layout, pytorch_by_rule, run_layer, runs_pytorch_by_rule
+from fastunet.ops._choice import (
+    choose_layout,
+    pytorch_by_rule,
+    run_layer,
+    runs_pytorch_by_rule,
+    symbolic,
+)
 from fastunet.ops._common import (
     GLOBAL_HOOKS,
     has_hooks,
@@ -58,10 +64,14 @@ class UNet(NotScriptable, UNetBase):
         layout = memory_format_of(x)
         if x.is_cuda:  # the kernels' layout, and cuDNN's fastest for half types
             out = self._run(in_memory_format(x, torch.channels_last))
-        elif not torch.compiler.is_compiling() and x.numel() and runs_pytorch_by_rule(x):
+        elif (
+            not (torch.compiler.is_compiling() or symbolic(x))
+            and x.numel()
+            and runs_pytorch_by_rule(x)
+        ):
             with pytorch_by_rule():  # the layers need not ask, one by one
                 out = self._run(in_memory_format(x, self._faster_cpu_layout(x)))
-        else:  # the interpreter, a forced backend, torch.compile: the input's layout
+        else:  # the interpreter, a forced backend, a trace (compile, make_fx): x's layout
             out = self._run(in_memory_format(x, layout))
         return out.contiguous(memory_format=layout)
 

@@ -715,7 +715,7 @@ def _saved_or_measured(key: str, device: torch.device, timings) -> Choice | None
 
 def run_layer(op: str, fastunet_fn: Callable, *args):
     """`fastunet_fn(*args)` or PyTorch's own path for `op`, as this layer's choice says."""
-    if torch.compiler.is_compiling():  # traced, not run: the op goes into the graph
+    if torch.compiler.is_compiling() or symbolic(args[0]):  # traced: the op goes in the graph
         return (fastunet_fn if _op_takes(args) else TORCH_PATHS[op])(*args)
     if inside_pytorch_by_rule():
         return TORCH_PATHS[op](*args)
@@ -724,6 +724,12 @@ def run_layer(op: str, fastunet_fn: Callable, *args):
     if choice.path == "fastunet":
         return call(fastunet_fn, *args)
     return TORCH_PATHS[op](*args)
+
+
+def symbolic(x) -> bool:
+    """Whether x's sizes are symbols (make_fx's symbolic tracing, AOTAutograd without Dynamo):
+    traced, not run, and no choice can be keyed by them."""
+    return isinstance(x, Tensor) and any(type(size) is not int for size in x.shape)
 
 
 def _op_takes(args: tuple) -> bool:
