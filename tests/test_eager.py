@@ -202,13 +202,18 @@ def test_where_autograd_is_excluded_nothing_is_recorded():
     assert torch.equal(out, ops.conv2d_relu(x, w).detach())
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("case", CASES)
-def test_batched_gradients_match_one_at_a_time(backend, case):
+def test_batched_gradients_match_one_at_a_time(backend, case, layout):
     """grad(is_grads_batched=True), as jacobian(vectorize=True) uses, runs the backward under
     autograd's own vmap, on batched tensors of class Tensor: the backward's op calls must go
     through the dispatcher there. Before, they ran the ops' functions on the batched tensors and
-    failed (no storage, no data pointer)."""
+    failed (no storage, no data pointer); and the conv backward's gradient in channels_last
+    (which that vmap's tensors cannot take) failed for channels_last inputs."""
     op, args = cases(backend_device(backend))[case]
+    if layout == "channels_last":
+        args = [a.contiguous(memory_format=torch.channels_last)
+                if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args]  # fmt: skip
     leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
     tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
     outputs = op(*leaves)

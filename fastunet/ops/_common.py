@@ -15,6 +15,9 @@ from torch.autograd import forward_ad
 from fastunet.kernels import cudnn_convolves
 
 CHANNELS_LAST = torch.channels_last
+# The vmap that autograd itself runs (jacobian(vectorize=True), grad(is_grads_batched=True)):
+# its batched tensors are of class Tensor, so only the thread's dispatch keys tell.
+LEGACY_VMAP = torch._C._parse_dispatch_key("VmapMode")
 
 # The hooks registered for every module (nn.modules.module.register_module_forward_hook, ...):
 # dicts that registering adds to in place.
@@ -28,6 +31,10 @@ GLOBAL_HOOKS = tuple(
 def in_functorch_transform() -> bool:
     """Inside vmap, grad or another torch.func transform."""
     return torch._C._functorch.maybe_current_level() is not None
+
+
+def in_legacy_vmap() -> bool:
+    return torch._C._dispatch_tls_is_dispatch_key_included(LEGACY_VMAP)
 
 
 def has_hooks(module: torch.nn.Module) -> bool:
@@ -151,7 +158,11 @@ def in_memory_format(x: torch.Tensor, layout: torch.memory_format) -> torch.Tens
     fit both layouts (one channel, a 1x1 image), `contiguous` returns x as it is, and PyTorch's
     convolutions, which read the layout from the strides, then compute and hand on the other
     one: a one-channel input could never run channels_last. The restrided tensor is a view of
-    the same elements (a dimension of size 1 is never stepped along), not a copy."""
+    the same elements (a dimension of size 1 is never stepped along), not a copy. Under
+    autograd's own vmap x as it is: its batched tensors take no layout but NCHW (and one
+    sample's strides are not seen)."""
+    if in_legacy_vmap():
+        return x
     x = x.contiguous(memory_format=layout)
     if x.dim() != 4 or x.numel() == 0:
         return x

@@ -37,15 +37,13 @@ from fastunet.ops._common import (
     AUTOCAST_RULES,
     cast_floating,
     in_functorch_transform,
+    in_legacy_vmap,
     refuse_functorch_grad,
 )
 
 PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 DEVICE_TYPES = ("cpu", "cuda")
 AUTOGRAD = torch._C.DispatchKey.AutogradFunctionality
-# The vmap that autograd itself runs (jacobian(vectorize=True), grad(is_grads_batched=True)):
-# its batched tensors are of class Tensor, so only the thread's dispatch keys tell.
-LEGACY_VMAP = torch._C._parse_dispatch_key("VmapMode")
 
 
 @dataclass
@@ -152,7 +150,7 @@ def _plain_eager_device(args: tuple) -> str | None:
         or torch._C._len_torch_dispatch_stack()
         or torch.jit.is_tracing()
         or in_functorch_transform()
-        or torch._C._dispatch_tls_is_dispatch_key_included(LEGACY_VMAP)
+        or in_legacy_vmap()
         or not all(_plain(a) for a in args if isinstance(a, Tensor))
     ):
         return None
