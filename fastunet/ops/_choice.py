@@ -729,7 +729,7 @@ def run_layer(op: str, fastunet_fn: Callable, *args):
 def symbolic(x) -> bool:
     """Whether x's sizes are symbols (make_fx's symbolic tracing, AOTAutograd without Dynamo):
     traced, not run, and no choice can be keyed by them."""
-    return isinstance(x, Tensor) and any(type(size) is not int for size in x.shape)
+    return isinstance(x, Tensor) and any(isinstance(size, torch.SymInt) for size in x.shape)
 
 
 def _op_takes(args: tuple) -> bool:

@@ -34,7 +34,10 @@ def in_functorch_transform() -> bool:
 
 
 def in_legacy_vmap() -> bool:
-    return torch._C._dispatch_tls_is_dispatch_key_included(LEGACY_VMAP)
+    # Never under torch.compile, whose tracing cannot read the thread's dispatch keys.
+    return not torch.compiler.is_compiling() and torch._C._dispatch_tls_is_dispatch_key_included(
+        LEGACY_VMAP
+    )
 
 
 def has_hooks(module: torch.nn.Module) -> bool:
