@@ -535,6 +535,18 @@ def test_torch_jit_trace_checks_a_sequential_leaky_relu_chain(torch_backend):
     compare(original, traced, x, count=False)
 
 
+def test_a_chains_activation_is_read_at_each_call(torch_backend):
+    """A LeakyReLU's slope changed after accelerate: the chain's op used the slope it had
+    then. Made negative (which the op cannot compute), the layers run as themselves."""
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.LeakyReLU(0.01))
+    fast = fastunet.accelerate(original)
+    x = torch.randn(2, 3, 8, 8)
+    for slope in (0.5, -0.2):
+        original[1].negative_slope = fast[1].negative_slope = slope
+        assert compare(original, fast, x)[CONV] == 1  # with the slope, or the conv alone
+
+
 def test_report_says_a_batch_norm_without_running_statistics_does_not_fold(torch_backend):
     batch_norm = nn.BatchNorm2d(4, track_running_stats=False)
     original = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), batch_norm, nn.ReLU()).eval()

@@ -123,18 +123,35 @@ def _activation(x: Tensor, negative_slope: float | None, in_place: bool = False)
     return F.leaky_relu(x, negative_slope, inplace=in_place)
 
 
+def activation_slope(module: nn.Module) -> float | None:
+    """The negative slope of a ReLU (0.0) or LeakyReLU that the op computes, else None."""
+    if type(module) is nn.ReLU:
+        return 0.0
+    if type(module) is nn.LeakyReLU and module.negative_slope >= 0:
+        return float(module.negative_slope)
+    return None  # a negative slope cannot be undone from the output in the op's backward
+
+
 @dataclass(eq=False)
 class Chain:
     """What follows a convolution in a Sequential and is folded into its op: at most one
-    BatchNorm2d, no-ops (Identity, Dropout) and an activation (`negative_slope`: None for none,
-    0.0 for ReLU). `layers`: the FusedConv2d and every layer after it that the chain covers, in
-    the Sequential's run order."""
+    BatchNorm2d, no-ops (Identity, Dropout) and a ReLU or LeakyReLU `activation`. `layers`: the
+    FusedConv2d and every layer after it that the chain covers, in the Sequential's run order.
+    The layers' attributes are read at each call (a LeakyReLU's slope, a BatchNorm's eps)."""
 
     batch_norm: nn.BatchNorm2d | None
     noops: tuple[nn.Module, ...]
-    negative_slope: float | None
-    activation_in_place: bool = False
+    activation: nn.Module | None
     layers: tuple[nn.Module, ...] = ()
+
+    @property
+    def negative_slope(self) -> float | None:
+        """The activation's slope now: None for none, 0.0 for ReLU."""
+        return None if self.activation is None else activation_slope(self.activation)
+
+    @property
+    def activation_in_place(self) -> bool:
+        return self.activation is not None and self.activation.inplace
 
     def folds_now(self) -> bool:
         """Whether the followers are a fixed function now, and nothing watches a layer's own
@@ -142,6 +159,8 @@ class Chain:
         the convolution runs alone and they run themselves."""
         if self.batch_norm is not None and not batch_norm_folds(self.batch_norm):
             return False
+        if self.activation is not None and self.negative_slope is None:
+            return False  # a LeakyReLU whose slope was made negative runs as itself
         if any(observed(layer) for layer in self.layers):
             return False
         return all(

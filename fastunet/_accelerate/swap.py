@@ -20,6 +20,7 @@ from fastunet._accelerate.modules import (
     Chain,
     ChainForward,
     FusedConv2d,
+    activation_slope,
     is_plain_sequential,
 )
 from fastunet._accelerate.report import LEFT, AccelerationReport
@@ -103,23 +104,14 @@ def _flatten(sequential: nn.Sequential, path: str) -> list[Slot]:
     return slots
 
 
-def _activation_slope(module: nn.Module) -> float | None:
-    if type(module) is nn.ReLU:
-        return 0.0
-    if type(module) is nn.LeakyReLU and module.negative_slope >= 0:
-        return float(module.negative_slope)
-    return None  # a negative slope cannot be undone from the output in the op's backward
-
-
 def _chain_after(slots: list[Slot], i: int, conv: nn.Conv2d, uses: Counter):
     """The Chain after the Conv2d at slots[i], the index of its last layer, and the layer that
     ended it (None when the run ended)."""
     batch_norm, noops, pending, last = None, [], [], i
-    slope = None
     for j in range(i + 1, len(slots)):
         module = slots[j].module
         if uses[id(module)] > 1 or has_hooks(module):
-            return _make_chain(batch_norm, noops, slope), last, module
+            return _make_chain(batch_norm, noops, None), last, module
         if type(module) in NOOPS:
             pending.append(module)
             continue
@@ -130,18 +122,16 @@ def _chain_after(slots: list[Slot], i: int, conv: nn.Conv2d, uses: Counter):
         ):
             batch_norm, noops, pending, last = module, noops + pending, [], j
             continue
-        slope = _activation_slope(module)
-        if slope is not None:
-            chain = _make_chain(batch_norm, noops + pending, slope, module.inplace)
-            return chain, j, None
+        if activation_slope(module) is not None:
+            return _make_chain(batch_norm, noops + pending, module), j, None
         return _make_chain(batch_norm, noops, None), last, module
     return _make_chain(batch_norm, noops, None), last, None
 
 
-def _make_chain(batch_norm, noops, slope, activation_in_place=False) -> Chain | None:
-    if batch_norm is None and slope is None:
+def _make_chain(batch_norm, noops, activation) -> Chain | None:
+    if batch_norm is None and activation is None:
         return None
-    return Chain(batch_norm, tuple(noops), slope, activation_in_place)
+    return Chain(batch_norm, tuple(noops), activation)
 
 
 def _stop_note(module: nn.Module | None) -> str:
