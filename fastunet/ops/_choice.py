@@ -105,8 +105,10 @@ def _torch_conv2d_relu(x, weight, bias=None, padding=1, relu=True, negative_slop
         return out
     # In place where autograd does not record: the conv's output is ours alone, so this saves
     # an allocation. Where it records, not: selective activation checkpointing may have
-    # cached that output (a policy that saves convolutions) and refuses a change to it.
-    in_place = not (torch.is_grad_enabled() and out.requires_grad)
+    # cached that output (a policy that saves convolutions) and refuses a change to it. Nor in
+    # a jit trace, whose check traces again without grad and compares the graphs.
+    recording = torch.is_grad_enabled() and out.requires_grad
+    in_place = not (recording or torch.jit.is_tracing())
     if negative_slope:
         return F.leaky_relu(out, negative_slope, inplace=in_place)
     return F.relu(out, inplace=in_place)
