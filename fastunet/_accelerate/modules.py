@@ -186,12 +186,10 @@ class Chain:
 
     def describe(self) -> str:
         steps = ["conv2d"]
-        if self.batch_norm is None:
-            pass
-        elif self.batch_norm.running_mean is None:  # batch statistics: never a fixed map
-            steps.append("batch_norm2d (batch statistics, runs apart)")
-        else:
-            steps.append("batch_norm2d (folded in eval)")
+        if self.batch_norm is not None:  # without running statistics, never a fixed map
+            folds = self.batch_norm.running_mean is not None
+            how = "folded in eval" if folds else "batch statistics, runs apart"
+            steps.append(f"batch_norm2d ({how})")
         steps += [type(m).__name__ for m in self.noops]
         if self.negative_slope == 0:
             steps.append("relu")
